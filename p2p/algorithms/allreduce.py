@@ -1,0 +1,15 @@
+"""allreduce: the centralized reference (what DDP does). The upper bound every decentralized
+method is compared with."""
+
+from p2p.algorithms.local import Local
+
+
+class AllReduce(Local):
+    """g ← (1/n) Σ_i g_i (all-reduce every step, whatever K), then the torch optimizer steps.
+
+    The models stay identical because they start identical and see the same averaged gradient.
+    """
+
+    def step(self, lr: float, exchange: bool) -> None:
+        self.comm.all_reduce_mean_(self.flat.g)
+        super().step(lr, exchange)

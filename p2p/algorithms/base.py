@@ -1,0 +1,84 @@
+"""What every algorithm shares: the model as one flat vector, and the one-method interface."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from p2p.comm import Comm
+from p2p.config import AlgorithmConfig
+from p2p.topology import Topology
+
+
+class FlatParams:
+    """The trainable parameters as views into one flat buffer `w`, their gradients into `g`.
+
+    Every rule in ALGORITHMS.md is element-wise, so it runs once on `w` instead of once per
+    tensor, and a message is `w` itself (or one vector shaped like it): no packing per exchange.
+    Autograd accumulates into the existing `.grad` views, so `g` must be zeroed, never set to None.
+    Non-trainable buffers (e.g. BatchNorm running stats) are not part of it and never exchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        first = self.params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
+            raise ValueError("all trainable parameters must share one dtype and device")
+        self.w = torch.cat([p.detach().reshape(-1) for p in self.params])  # (P,)
+        self.g = torch.zeros_like(self.w)  # (P,)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.data = self.w[offset:offset + n].view_as(p)
+            p.grad = self.g[offset:offset + n].view_as(p)
+            offset += n
+
+    def fan_in(self) -> torch.Tensor:
+        """sqrt(fan_in) of each element's tensor: the `penalty_scale = fan_in` v_p, shaped like w.
+
+        fan_in = numel / shape[0] for tensors of 2+ dims, shape[0] for 1-D tensors.
+        """
+        v = torch.empty_like(self.w)
+        offset = 0
+        for p in self.params:
+            fan = p.numel() // p.shape[0] if p.dim() >= 2 else p.shape[0]
+            v[offset:offset + p.numel()] = fan ** 0.5
+            offset += p.numel()
+        return v
+
+
+class Algorithm:
+    """One node's update rule.
+
+    The trainer puts the stochastic gradient g_i into `flat.g` and calls `step(lr, exchange)`;
+    the algorithm updates `flat.w` in place. `exchange` is true on every K-th step, the end of a
+    communication round. Everything with state (duals, neighbour copies, momentum) is in
+    `state_dict()` so a checkpoint restores it exactly.
+    """
+
+    def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, comm: Comm):
+        self.flat, self.cfg, self.topology, self.comm = flat, cfg, topology, comm
+        self.rank = comm.rank
+        self.neighbors = topology.neighbors(comm.rank) if topology.n > 1 else []
+
+    def step(self, lr: float, exchange: bool) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_optimizer(flat: FlatParams, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
+    """The local optimizer of the sgd-based rules: exactly torch's SGD (or Adam for local/allreduce)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(flat.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(flat.params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,51 @@
+"""cadmm: decentralized consensus ADMM (Mateos et al. 2010; Shi et al. 2014), linearized as in
+DLM (Ling et al. 2015)."""
+
+import torch
+
+from p2p.algorithms.base import Algorithm
+
+
+class CADMM(Algorithm):
+    """One dual α_i per node (initially 0) and one message per node, like dsgd. Every step:
+
+        w_i ← (w_i/γ_t − g_i − α_i + Σ_j c_ij (w_i + w_j)) / (1/γ_t + 2 Σ_j c_ij)
+
+    At an exchange: send the new w_i to every neighbour, receive every w_j, then
+
+        α_i ← α_i + Σ_j c_ij (w_i − w_j)
+
+    with the symmetric penalty of pdmm, c_ij = (η/γ_t) v_p / max(d_i, d_j). Σ_i α_i stays 0, so at
+    a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
+    common starting weights).
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        w, top = self.flat.w, self.topology
+        v = self.flat.fan_in() if self.cfg.penalty_scale == "fan_in" else 1.0
+        d_i = top.degree(self.rank) if top.n > 1 else 0
+        self.k = {j: self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
+        self.alpha = torch.zeros_like(w)  # α_i
+        self.w_j = {j: w.clone() for j in self.neighbors}  # last received neighbour weights
+
+    def step(self, lr: float, exchange: bool) -> None:
+        w, g = self.flat.w, self.flat.g
+        c = {j: self.k[j] / lr for j in self.neighbors}  # c_ij
+        numer = w / lr - g - self.alpha
+        for j in self.neighbors:
+            numer += c[j] * (w + self.w_j[j])
+        w.copy_(numer / (1 / lr + 2 * sum(c.values())))
+        if not exchange:
+            return
+        self.comm.exchange({j: w for j in self.neighbors}, self.w_j)
+        for j in self.neighbors:
+            self.alpha += c[j] * (w - self.w_j[j])
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha, "w_j": self.w_j}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha.copy_(state["alpha"])
+        for j in self.neighbors:
+            self.w_j[j].copy_(state["w_j"][j])

@@ -1,0 +1,53 @@
+"""gossip: randomized pairwise gossip SGD (Boyd et al. 2006)."""
+
+import random
+
+import torch
+
+from p2p.algorithms.local import Local
+
+
+class Gossip(Local):
+    """Local SGD step as in dsgd. At exchange number r one matching of the graph is active and
+    every matched pair averages:
+
+        w_i ← (w_i + w_j) / 2        (unmatched nodes keep w_i)
+
+    so a node sends at most one model per exchange (dsgd sends d_i). The matchings are the colours
+    of the topology's deterministic edge colouring; `schedule = cyclic` takes colour r mod C,
+    `random` draws it from `random.Random(r)`, identical on every node, so all nodes agree on the
+    matching without talking and the schedule needs no state beyond r. Pairs use send/recv (see benchmarks/gossip_pair.py).
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.matchings = self.topology.matchings()
+        self.rounds = 0  # exchanges so far: r
+        self.w_j = torch.empty_like(self.flat.w)
+
+    def partner(self, r: int) -> int | None:
+        """This node's partner in the matching active at exchange r (None if unmatched)."""
+        colour = r % len(self.matchings) if self.cfg.schedule == "cyclic" else random.Random(r).randrange(len(self.matchings))
+        for i, j in self.matchings[colour]:
+            if self.rank in (i, j):
+                return j if i == self.rank else i
+        return None
+
+    def step(self, lr: float, exchange: bool) -> None:
+        super().step(lr, exchange)  # the torch SGD step
+        if not exchange or not self.matchings:
+            return
+        j = self.partner(self.rounds)
+        self.rounds += 1
+        if j is None:
+            return
+        w = self.flat.w
+        self.comm.exchange({j: w}, {j: self.w_j})
+        w.add_(self.w_j).mul_(0.5)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rounds = state["rounds"]

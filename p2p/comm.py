@@ -1,0 +1,144 @@
+"""The only module that calls torch.distributed: set-up, neighbour exchange on flat buffers, reductions.
+
+The same code runs on NCCL (one GPU per rank) and gloo (CPU); the backend is chosen from the device.
+Every exchange posts all its sends and receives together with `batch_isend_irecv`, so no ordering
+of peers can deadlock, and counts the bytes it sends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from p2p.config import CommConfig, ConfigError
+
+
+@dataclass
+class Env:
+    """Rank facts, read from torchrun's environment before any process group exists."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env() -> Env:
+    """Rank facts from torchrun; a plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    get = lambda key, default: int(os.environ.get(key, default))  # noqa: E731
+    world = get("WORLD_SIZE", 1)
+    return Env(get("RANK", 0), world, get("LOCAL_RANK", 0), get("LOCAL_WORLD_SIZE", world))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str, backend: str, env: Env) -> tuple[torch.device, str]:
+    """Pick (device, backend) and reject impossible requests before any rank waits for another."""
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("--run.device cuda was asked for but CUDA is not available: use --run.device cpu")
+    use_cuda = device == "cuda" or (device == "auto" and has_cuda)
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("--comm.backend nccl needs GPUs: use --comm.backend gloo on CPU")
+    if use_cuda and torch.cuda.device_count() < env.local_world_size:
+        if device == "cuda" or backend == "nccl":
+            raise ConfigError(
+                f"{env.local_world_size} ranks on this host but only {torch.cuda.device_count()} GPUs: "
+                f"lower --nproc_per_node or use --run.device cpu --comm.backend gloo")
+        use_cuda = False  # auto: fall back to CPU rather than share a GPU between ranks
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    dev = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    return dev, backend
+
+
+class Comm:
+    """A node's view of the network: its rank, its device, and the messages it sends."""
+
+    def __init__(self, env: Env, device: torch.device, backend: str, cfg: CommConfig):
+        self.env, self.device, self.backend = env, device, backend
+        self.rank, self.world_size = env.rank, env.world_size
+        self.timeout = timedelta(seconds=cfg.timeout_s)
+        self.bytes_sent = 0  # payload bytes this node has sent, all exchanges together
+        self.comm_s = 0.0  # wall time spent waiting on communication
+
+    def start(self) -> None:
+        """Join the process group (NCCL or gloo) and check that every rank is there."""
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(self.backend, timeout=self.timeout, device_id=self.device if on_gpu else None)
+        self.barrier()
+
+    def stop(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        flag = torch.ones(1, device=self.device)
+        dist.all_reduce(flag)
+
+    def exchange(self, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor]) -> None:
+        """Send `send[j]` to each peer j and receive into `recv[j]`, all posted together.
+
+        Each tensor is one flat contiguous buffer: one message per edge and direction.
+        """
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, t, peer) for peer, t in send.items()]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recv.items()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        self._sync()
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in send.values())
+        self.comm_s += time.perf_counter() - start
+
+    def all_reduce_mean_(self, t: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """In-place mean over all ranks.
+
+        Training traffic (`training=True`) counts the ring all-reduce's 2(n-1)/n·|t| bytes sent
+        and its time; evaluation traffic (averaged model, consensus distance) counts neither.
+        """
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        t.div_(self.world_size)
+        if training:
+            self._sync()
+            self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
+            self.comm_s += time.perf_counter() - start
+        return t
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few scalars over all ranks (metrics, flags); not counted as training traffic."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's scalars, indexed by rank (for logs that compare nodes)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return [o.tolist() for o in out]
+
+    def _sync(self) -> None:
+        # NCCL work completes on a stream; wait for it so comm_s measures the transfer.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

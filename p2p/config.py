@@ -1,0 +1,306 @@
+"""Configuration: a dataclass tree, loaded from TOML, every field overridable as `--section.field value`.
+
+Precedence is CLI > TOML > defaults. Unknown keys are errors that suggest the nearest name, and
+`validate` names the flag to change, so a bad config fails on every rank before any collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake: printed as one line by train.py, never as a traceback."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run name; outputs go to runs/<name>
+    dir: str = ""  # output directory; empty = runs/<name>
+    seed: int = 0  # minibatch seed; node i draws with seed + i
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False  # continue the run in `dir` from its newest complete checkpoint
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist | fashionmnist | cifar10
+    root: str = "data"  # where torchvision datasets live (<root>/FashionMNIST/raw/...)
+    download: bool = False  # let torchvision download a missing dataset
+    partition: str = "iid"  # iid | dirichlet | classes
+    alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
+    classes_per_node: int = 2  # classes partition: classes each node holds
+    class_shift: int = 1  # classes partition: node k starts at (class_shift * k) mod C
+    val_fraction: float = 0.1  # share of the training set held out as a global validation split
+    samples_per_epoch: int = 0  # samples each node sees per epoch; 0 = len(train) / n (same steps on every node)
+    batch_size: int = 32  # minibatch size per node
+    data_seed: int = 0  # seed of the split and partition (identical on every node)
+    augment: bool = True  # random crop + flip for cifar10
+
+
+@dataclass
+class ModelConfig:
+    name: str = "logistic"  # logistic | mlp | cnn | resnet50
+    hidden: int = 128  # mlp width
+    group_channels: int = 32  # resnet50: channels per GroupNorm group (groups = ceil(C / group_channels))
+    drop_rate: float = 0.0  # resnet50: Dropout2d after the stem and layers 1-3
+    last_drop_rate: float = 0.0  # resnet50: Dropout before the classifier
+    model_seed: int = 0  # every node builds the model from this seed, so all start identical
+
+
+@dataclass
+class TopologyConfig:
+    path: str = ""  # topology file (JSON, ours or the seed's node_list.json); overrides `name`
+    name: str = "ring"  # generator: ring | torus | complete | star | exponential | random_regular
+    n: int = 0  # node count for the generator; 0 = the world size
+    degree: int = 3  # random_regular: degree of every node
+    seed: int = 0  # random_regular: graph seed
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "dsgd"  # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm
+    optimizer: str = "sgd"  # sgd | adam (local and allreduce)
+    lr: float = 0.05  # learning rate (gamma)
+    momentum: float = 0.0  # SGD momentum (local step of sgd-based algorithms)
+    dampening: float = 0.0  # SGD dampening
+    nesterov: bool = False  # SGD Nesterov momentum
+    weight_decay: float = 0.0  # torch optimizer weight decay
+    l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
+    mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
+    interval: int = 1  # K: exchange after every K-th local step
+    eta: float = 0.005  # primal-dual penalty scale
+    penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
+    piw: float = 1.0  # ISVR: 0.5 | 1 | 2
+    use_gcoef: bool = False  # ISVR: scale the gradient by c_g
+    schedule: str = "cyclic"  # gossip matchings: cyclic | random
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # training epochs
+    scheduler: str = "none"  # none | step (per-iteration StepLR)
+    step_size: int = 1000  # step scheduler: iterations between decays
+    gamma: float = 0.9  # step scheduler: decay factor
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    checkpoint_every: int = 1  # checkpoint every N epochs; 0 = never
+    sleep_factor: float = 0.0  # straggler simulation: sleep epoch_time * (0.5 + 0.5 * factor * U[0,1))
+    slow_ranks: list[int] = field(default_factory=list)  # ranks that sleep; empty = all (when sleep_factor > 0)
+
+
+@dataclass
+class CommConfig:
+    backend: str = "auto"  # auto | nccl | gloo (auto: nccl when every rank has its own GPU)
+    timeout_s: float = 300.0  # every collective and exchange fails after this many seconds
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True  # write TensorBoard event files under <dir>/tb/
+    csv: bool = True  # write <dir>/node<rank>.csv
+    level: str = "info"  # debug | info | warning
+    progress: bool = True  # tqdm progress bar on rank 0
+    plots: bool = True  # write <dir>/curves.png at the end
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+
+CHOICES: dict[str, tuple] = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.name": ("digits", "mnist", "fashionmnist", "cifar10"),
+    "data.partition": ("iid", "dirichlet", "classes"),
+    "model.name": ("logistic", "mlp", "cnn", "resnet50"),
+    "topology.name": ("ring", "torus", "complete", "star", "exponential", "random_regular"),
+    "algorithm.name": (
+        "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm",
+    ),
+    "algorithm.optimizer": ("sgd", "adam"),
+    "algorithm.mixing": ("metropolis", "uniform", "file"),
+    "algorithm.penalty_scale": ("fan_in", "none"),
+    "algorithm.piw": (0.5, 1.0, 2.0),
+    "algorithm.schedule": ("cyclic", "random"),
+    "train.scheduler": ("none", "step"),
+    "comm.backend": ("auto", "nccl", "gloo"),
+    "log.level": ("debug", "info", "warning"),
+}
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, flag: str) -> Any:
+    """Convert a TOML value or a CLI string to the field's type, or raise ConfigError naming the flag."""
+    from_cli = isinstance(value, str) and typ is not str
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if from_cli and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_cli and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if typing.get_origin(typ) is list:
+            (item,) = typing.get_args(typ)
+            if from_cli:
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [_coerce(v, item, flag) for v in value]
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"--{flag}: expected {name}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}' in {source}{_suggest(section, sections)}")
+    sub = getattr(cfg, section)
+    types = _field_types(type(sub))
+    if key not in types:
+        raise ConfigError(f"unknown config key '{section}.{key}' in {source}{_suggest(key, types)}")
+    setattr(sub, key, _coerce(value, types[key], f"{section}.{key}"))
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Split argv into the --config path and (dotted key, raw value) overrides.
+
+    `--a.b value`, `--a.b=value`, and a bare boolean `--a.b` (= true) are accepted.
+    """
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': options look like --section.field value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"  # a bare flag: only valid for bools, checked by _coerce
+        i += 1
+        if key == "config":
+            config_path = value
+        elif "." not in key:
+            raise ConfigError(f"option '--{key}' must be --section.field (e.g. --algorithm.lr 0.1) or --config FILE")
+        else:
+            overrides.append((key, value))
+    return config_path, overrides
+
+
+def load_config(argv: list[str]) -> Config:
+    """Build the resolved, validated config from `--config FILE.toml` and dotted overrides."""
+    config_path, overrides = parse_cli(argv)
+    cfg = Config()
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    for dotted, value in overrides:
+        section, _, key = dotted.partition(".")
+        _apply(cfg, section, key, value, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values that no type can express; each message names the flag to change."""
+    for flag, options in CHOICES.items():
+        section, key = flag.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            shown = ", ".join(str(o) for o in options)
+            hint = _suggest(value, [str(o) for o in options]) if isinstance(value, str) else ""
+            raise ConfigError(f"--{flag}: unknown value {value!r}{hint}; choose one of {shown}")
+    a, d, t = cfg.algorithm, cfg.data, cfg.train
+    checks = [
+        (a.lr > 0, "--algorithm.lr must be > 0"),
+        (a.optimizer == "sgd" or a.name in ("local", "allreduce"),
+         f"--algorithm.optimizer adam is only for local and allreduce; {a.name} uses SGD for its local step"),
+        (a.interval >= 1, "--algorithm.interval (K) must be >= 1"),
+        (a.eta > 0, "--algorithm.eta must be > 0"),
+        (a.momentum >= 0, "--algorithm.momentum must be >= 0"),
+        (a.l2_lambda >= 0, "--algorithm.l2_lambda must be >= 0"),
+        (not (a.nesterov and (a.momentum <= 0 or a.dampening != 0)),
+         "--algorithm.nesterov needs --algorithm.momentum > 0 and --algorithm.dampening 0"),
+        (d.batch_size > 0, "--data.batch_size must be > 0"),
+        (d.alpha > 0, "--data.alpha (Dirichlet concentration) must be > 0"),
+        (d.classes_per_node >= 1, "--data.classes_per_node must be >= 1"),
+        (0 <= d.val_fraction < 1, "--data.val_fraction must be in [0, 1)"),
+        (d.samples_per_epoch >= 0, "--data.samples_per_epoch must be >= 0 (0 = the whole shard)"),
+        (t.epochs >= 1, "--train.epochs must be >= 1"),
+        (t.eval_every >= 1, "--train.eval_every must be >= 1"),
+        (t.checkpoint_every >= 0, "--train.checkpoint_every must be >= 0 (0 = never)"),
+        (t.step_size >= 1, "--train.step_size must be >= 1"),
+        (0 < t.gamma <= 1, "--train.gamma must be in (0, 1]"),
+        (t.sleep_factor >= 0, "--train.sleep_factor must be >= 0"),
+        (cfg.comm.timeout_s > 0, "--comm.timeout_s must be > 0"),
+        (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
+        (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, so a run can be repeated with `--config <dir>/config.toml`."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars and lists are valid TOML
+        lines.append("")
+    return "\n".join(lines)

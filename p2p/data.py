@@ -1,0 +1,264 @@
+"""Datasets, the global validation split, per-node partitions and loaders.
+
+Every node calls the same functions with the same `DataConfig`, so the validation split and the
+partition are identical everywhere without any communication; only the minibatch seed differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from p2p.config import ConfigError, DataConfig
+
+# Debian's `dataset-fashion-mnist` package installs the four idx .gz files here (`dpkg -L` shows it).
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+
+# name -> (torchvision class, mean, std) of the 1-channel 28x28 datasets.
+_MNIST_LIKE = {
+    "mnist": (torchvision.datasets.MNIST, 0.1307, 0.3081),
+    "fashionmnist": (torchvision.datasets.FashionMNIST, 0.2860, 0.3530),
+}
+_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Splits:
+    train: Dataset  # the training set minus the validation split; partitions index into it
+    val: Dataset
+    test: Dataset
+    train_labels: np.ndarray  # labels of `train`, for partitioning
+    num_classes: int
+    in_shape: tuple[int, ...]  # (C, H, W) of one sample
+
+
+def _missing(cfg: DataConfig, error: Exception) -> ConfigError:
+    """The one-line message for a dataset torchvision could not open (or download)."""
+    title = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}[cfg.name]
+    if cfg.download:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return ConfigError(f"{title} could not be downloaded into {cfg.root}/ ({reason}): fetch it by hand")
+    how = {
+        "mnist": f"put the four idx files in {cfg.root}/MNIST/raw/",
+        "fashionmnist": "run `apt-get install dataset-fashion-mnist`",
+        "cifar10": "put cifar-10-batches-py there",
+    }[cfg.name]
+    return ConfigError(f"{title} not found under {cfg.root}/: {how} or pass --data.download true")
+
+
+def _open(cls: type, cfg: DataConfig, **kwargs) -> Dataset:
+    try:
+        return cls(cfg.root, download=cfg.download, **kwargs)
+    except (RuntimeError, OSError) as e:  # torchvision: RuntimeError when missing, OSError when a download fails
+        raise _missing(cfg, e) from None
+
+
+def _unpack_system_fashion_mnist(root: Path) -> None:
+    """Fill <root>/FashionMNIST/raw/ from the Debian package's copy, so no download is needed.
+
+    Each file is written under a temporary name and renamed, so ranks that start together on one
+    machine never read a half-written file.
+    """
+    raw = root / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in _IDX_FILES):
+        return
+    if not all((FASHION_SYSTEM_DIR / f"{name}.gz").is_file() for name in _IDX_FILES):
+        return  # no system copy: torchvision then downloads or reports the dataset missing
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in _IDX_FILES:
+        if (raw / name).is_file():
+            continue
+        tmp = raw / f".{name}.{os.getpid()}.tmp"
+        with gzip.open(FASHION_SYSTEM_DIR / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, raw / name)
+
+
+def _digits() -> tuple[Dataset, np.ndarray, Dataset]:
+    """scikit-learn's 8x8 digits; it has no test set, so a fixed stratified 20% is held out (seed 0)."""
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    train, test = np.sort(train), np.sort(test)
+    return TensorDataset(x[train], y[train]), digits.target[train], TensorDataset(x[test], y[test])
+
+
+def _mnist_like(cfg: DataConfig) -> tuple[Dataset, np.ndarray, Dataset]:
+    """MNIST / Fashion-MNIST as normalised tensors, converted once: far faster than PIL per sample."""
+    cls, mean, std = _MNIST_LIKE[cfg.name]
+    if cfg.name == "fashionmnist":
+        _unpack_system_fashion_mnist(Path(cfg.root))
+
+    def tensors(ds: torchvision.datasets.MNIST) -> TensorDataset:
+        x = ((ds.data.float() / 255.0 - mean) / std).unsqueeze(1)  # (N, 1, 28, 28)
+        return TensorDataset(x, ds.targets.long())
+
+    train, test = _open(cls, cfg, train=True), _open(cls, cfg, train=False)
+    return tensors(train), train.targets.numpy(), tensors(test)
+
+
+def _cifar10(cfg: DataConfig) -> tuple[Dataset, Dataset, np.ndarray, Dataset]:
+    """CIFAR-10 through torchvision transforms; the validation copy is never augmented."""
+    plain = T.Compose([T.ToTensor(), T.Normalize(_CIFAR_MEAN, _CIFAR_STD)])
+    augmented = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
+    train = _open(torchvision.datasets.CIFAR10, cfg, train=True, transform=augmented if cfg.augment else plain)
+    test = _open(torchvision.datasets.CIFAR10, cfg, train=False, transform=plain)
+    val = copy.copy(train)  # shares the image array, differs only in the transform
+    val.transform = plain
+    return train, val, np.asarray(train.targets), test
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load the dataset and hold out `val_fraction` of its training set before any partitioning.
+
+    The held-out indices come from `default_rng(data_seed)`, so every node gets the same split.
+    Both parts keep the dataset's original order (indices sorted).
+    """
+    if cfg.name == "digits":
+        full, labels, test = _digits()
+        full_val = full
+    elif cfg.name in _MNIST_LIKE:
+        full, labels, test = _mnist_like(cfg)
+        full_val = full
+    elif cfg.name == "cifar10":
+        full, full_val, labels, test = _cifar10(cfg)
+    else:
+        raise ConfigError(f"--data.name: unknown dataset {cfg.name!r}; choose digits, mnist, fashionmnist or cifar10")
+
+    perm = np.random.default_rng(cfg.data_seed).permutation(len(labels))
+    n_val = int(round(cfg.val_fraction * len(labels)))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    x0, _ = full_val[0]
+    return Splits(
+        train=Subset(full, train_idx.tolist()),
+        val=Subset(full_val, val_idx.tolist()),
+        test=test,
+        train_labels=labels[train_idx],
+        num_classes=int(labels.max()) + 1,
+        in_shape=tuple(x0.shape),
+    )
+
+
+def _iid(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(cfg.data_seed).permutation(len(labels)), n_nodes)
+
+
+def _dirichlet(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
+    """Per class c: shares p ~ Dir(alpha * 1_n); node k gets the k-th cut of c's shuffled samples."""
+    rng = np.random.default_rng(cfg.data_seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+    for c in range(int(labels.max()) + 1):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        p = rng.dirichlet(np.full(n_nodes, cfg.alpha))
+        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].append(chunk)
+    shards = [np.concatenate(p) for p in parts]
+    for k, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ConfigError(
+                f"dirichlet partition with alpha={cfg.alpha} leaves node {k} with no samples: "
+                "raise --data.alpha or lower the node count"
+            )
+    return shards
+
+
+def _classes(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
+    """The seed's scheme: node k holds `classes_per_node` consecutive entries of a shuffled class
+    list, starting at (class_shift * k) mod C; each class is cut into contiguous chunks of
+    near-equal random shares (0.8 to 1, normalised) among its holders, in node order.
+
+    A class that no node holds is unused: its samples belong to nobody.
+    RandomState(seed) draws exactly what `np.random.seed(seed)` + `np.random.*` would, without
+    touching numpy's global RNG.
+    """
+    C = int(labels.max()) + 1
+    if cfg.classes_per_node > C:
+        raise ConfigError(f"--data.classes_per_node {cfg.classes_per_node} exceeds the {C} classes of the dataset")
+    rs = np.random.RandomState(cfg.data_seed)
+    class_list = list(range(C))
+    rs.shuffle(class_list)
+    held = [{class_list[(cfg.class_shift * k + j) % C] for j in range(cfg.classes_per_node)} for k in range(n_nodes)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+    for c in range(C):
+        holders = [k for k in range(n_nodes) if c in held[k]]
+        if not holders:
+            continue
+        r = rs.rand(len(holders)) * 0.2 + 0.8
+        r = r / r.sum()
+        idx = np.flatnonzero(labels == c)
+        start = 0
+        for h, k in enumerate(holders):
+            end = len(idx) if h == len(holders) - 1 else start + int(r[h] * len(idx))
+            parts[k].append(idx[start:end])
+            start = end
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+_PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet, "classes": _classes}
+
+
+def partition(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
+    """Split the train split among `n_nodes`: disjoint, deterministic for `data_seed`.
+
+    Returns each node's indices into `Splits.train`, sorted. Together they cover every sample
+    (for `classes`: every sample of a class some node holds). C is `labels.max() + 1`.
+    """
+    if cfg.partition not in _PARTITIONS:
+        raise ConfigError(f"--data.partition: unknown scheme {cfg.partition!r}; choose iid, dirichlet or classes")
+    shards = [np.sort(s).astype(np.int64) for s in _PARTITIONS[cfg.partition](np.asarray(labels), n_nodes, cfg)]
+    for k, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ConfigError(
+                f"{cfg.partition} partition leaves node {k} with no samples: lower the node count"
+                + (" or raise --data.classes_per_node" if cfg.partition == "classes" else "")
+            )
+    return shards
+
+
+def class_histogram(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:
+    """Samples per class in one node's shard, for logging how skewed a partition is."""
+    return np.bincount(np.asarray(labels)[indices], minlength=num_classes).tolist()
+
+
+def node_loader(splits: Splits, indices: np.ndarray, cfg: DataConfig, seed: int, n_nodes: int) -> DataLoader:
+    """The node's training loader: `samples_per_epoch // batch_size` full batches per epoch.
+
+    Every node must take the same number of steps (exchanges are synchronous), but non-IID shards
+    differ in size, so `samples_per_epoch = 0` means len(train) / n_nodes on every node: one epoch
+    is one pass of the network over the whole training split, not of each node over its shard.
+
+    Sampling is without replacement (reshuffled when an epoch asks for more than the shard). The
+    generator lives at `loader.sampler.generator` so a checkpoint can save and restore its state.
+    """
+    shard = Subset(splits.train, np.asarray(indices).tolist())
+    steps = max(1, (cfg.samples_per_epoch or len(splits.train_labels) // n_nodes) // cfg.batch_size)
+    sampler = RandomSampler(
+        shard,
+        replacement=False,
+        num_samples=steps * cfg.batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return DataLoader(shard, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+
+
+def eval_loader(dataset: Dataset, batch_size: int = 1000) -> DataLoader:
+    """Sequential, large batches: evaluation order does not matter and needs no gradients."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)

@@ -1,0 +1,92 @@
+"""Per-node metrics: one CSV per node and TensorBoard event files, behind one `Metrics` container."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from p2p.config import LogConfig
+
+# The seed's columns first, then ours.
+COLUMNS = [
+    "epoch", "train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc",
+    "consensus_dist", "avg_test_loss", "avg_test_acc", "lr", "bytes_sent", "compute_s", "comm_s",
+    "sleep_s", "wall_s",
+]
+# CSV column -> TensorBoard tag; the network-wide ones go to tb/global (rank 0) only.
+NODE_TAGS = {
+    "train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
+    "train_acc": "acc/train", "val_acc": "acc/val", "test_acc": "acc/test",
+    "lr": "lr", "bytes_sent": "comm/bytes_sent", "compute_s": "time/compute_s", "comm_s": "time/comm_s",
+}
+GLOBAL_TAGS = {
+    "consensus_dist": "consensus/distance", "avg_test_loss": "avg_model/test_loss",
+    "avg_test_acc": "avg_model/test_acc",
+}
+
+
+class CSVLogger:
+    """node<rank>.csv. On resume, rows after the resumed epoch are dropped so each epoch appears once."""
+
+    def __init__(self, path: Path, resume_epoch: int | None):
+        self.path = path
+        rows = []
+        if resume_epoch is not None and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, row: dict[str, float]) -> None:
+        with self.path.open("a", newline="") as f:  # reopened per row: nothing is lost on a crash
+            csv.DictWriter(f, COLUMNS).writerow({k: row.get(k, "") for k in COLUMNS})
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars of one node at tb/node<rank>/, plus the network-wide ones at tb/global/ from rank 0."""
+
+    def __init__(self, tb_dir: Path, rank: int, resume_epoch: int | None):
+        purge = None if resume_epoch is None else resume_epoch + 1  # drop points after the resumed epoch
+        self.node = SummaryWriter(str(tb_dir / f"node{rank}"), purge_step=purge)
+        self.net = SummaryWriter(str(tb_dir / "global"), purge_step=purge) if rank == 0 else None
+
+    def log(self, row: dict[str, float]) -> None:
+        epoch = int(row["epoch"])
+        for key, tag in NODE_TAGS.items():
+            if row.get(key) is not None:
+                self.node.add_scalar(tag, row[key], epoch)
+        for key, tag in GLOBAL_TAGS.items():
+            if self.net is not None and row.get(key) is not None:
+                self.net.add_scalar(tag, row[key], epoch)
+        self.node.flush()
+
+    def close(self) -> None:
+        self.node.close()
+        if self.net is not None:
+            self.net.close()
+
+
+class Metrics:
+    """Sends each epoch's row to every enabled backend."""
+
+    def __init__(self, out_dir: Path, rank: int, cfg: LogConfig, resume_epoch: int | None = None):
+        self.backends: list[CSVLogger | TensorBoardLogger] = []
+        if cfg.csv:
+            self.backends.append(CSVLogger(out_dir / f"node{rank}.csv", resume_epoch))
+        if cfg.tensorboard:
+            self.backends.append(TensorBoardLogger(out_dir / "tb", rank, resume_epoch))
+
+    def log(self, row: dict[str, float]) -> None:
+        for backend in self.backends:
+            backend.log(row)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()

@@ -1,0 +1,95 @@
+"""Plain nn.Modules; they know nothing about distribution.
+
+`build_model` seeds its own RNG from `model_seed`, so every node builds identical weights without
+a broadcast, and the caller's torch RNG is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from p2p.config import ConfigError, ModelConfig
+
+_RESNET_WIDTHS = (64, 128, 256, 512, 1024, 2048)  # every channel count a ResNet-50 norm layer sees
+
+
+def _logistic(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes))
+
+
+def _mlp(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(in_shape), cfg.hidden),
+        nn.ReLU(),
+        nn.Linear(cfg.hidden, num_classes),
+    )
+
+
+def _cnn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Two 3x3 conv blocks and a 2x2 adaptive pool: ~20k parameters, any input from 8x8 up."""
+    return nn.Sequential(
+        nn.Conv2d(in_shape[0], 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),  # (B, 64, 2, 2) whatever the input size
+        nn.Flatten(),
+        nn.Linear(64 * 2 * 2, num_classes),
+    )
+
+
+def _resnet50(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """torchvision's ResNet-50 with GroupNorm(ceil(C / group_channels), C) instead of BatchNorm
+    (batch statistics differ per node and cannot be averaged), plus Dropout2d after the stem and
+    layers 1-3 and Dropout before the classifier, added by wrapping torchvision's own modules.
+    """
+    gc = cfg.group_channels
+    if gc < 1:
+        raise ConfigError("--model.group_channels must be >= 1")
+    for c in _RESNET_WIDTHS:
+        if c % math.ceil(c / gc):
+            raise ConfigError(
+                f"--model.group_channels {gc} gives {math.ceil(c / gc)} GroupNorm groups for {c} channels, "
+                "which does not divide them: use a power of two such as 32"
+            )
+    for flag, p in (("drop_rate", cfg.drop_rate), ("last_drop_rate", cfg.last_drop_rate)):
+        if not 0 <= p < 1:
+            raise ConfigError(f"--model.{flag} must be in [0, 1), got {p}")
+
+    def norm(c: int) -> nn.Module:
+        return nn.GroupNorm(math.ceil(c / gc), c)
+
+    model = torchvision.models.resnet50(num_classes=num_classes, norm_layer=norm)
+    if in_shape[0] != 3:  # e.g. 1-channel digits/MNIST: same stem, other input width
+        model.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+    model.maxpool = nn.Sequential(model.maxpool, nn.Dropout2d(cfg.drop_rate))
+    model.layer1 = nn.Sequential(model.layer1, nn.Dropout2d(cfg.drop_rate))
+    model.layer2 = nn.Sequential(model.layer2, nn.Dropout2d(cfg.drop_rate))
+    model.layer3 = nn.Sequential(model.layer3, nn.Dropout2d(cfg.drop_rate))
+    model.fc = nn.Sequential(nn.Dropout(cfg.last_drop_rate), model.fc)
+    return model
+
+
+_MODELS = {"logistic": _logistic, "mlp": _mlp, "cnn": _cnn, "resnet50": _resnet50}
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the model on CPU from `model_seed`, identically on every node.
+
+    Args:
+        in_shape: (C, H, W) of one sample, e.g. `Splits.in_shape`.
+    """
+    if cfg.name not in _MODELS:
+        raise ConfigError(f"--model.name: unknown model {cfg.name!r}; choose {', '.join(_MODELS)}")
+    # Seed only the CPU generator (torch.manual_seed would also reseed every CUDA device, which
+    # fork_rng(devices=[]) does not restore); the caller's CPU RNG state comes back on exit.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(cfg.model_seed)
+        return _MODELS[cfg.name](cfg, tuple(in_shape), num_classes)

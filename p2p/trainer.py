@@ -1,0 +1,206 @@
+"""The training loop of one node: local step → exchange → evaluate → log → checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from p2p import checkpoint, plots
+from p2p.algorithms import Algorithm, FlatParams, build_algorithm
+from p2p.comm import Comm, Env, read_env, resolve_device
+from p2p.config import Config, ConfigError, TrainConfig, to_toml
+from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
+from p2p.models import build_model
+from p2p.metrics import Metrics
+from p2p.topology import Topology, build_topology
+
+log = logging.getLogger("p2p")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Some node's loss became NaN/inf: every node stops together, keeping the last good checkpoint."""
+
+
+def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
+    """γ_t: the scheduler, stepped once per iteration (the seed's StepLR)."""
+    if cfg.scheduler == "step":
+        return base_lr * cfg.gamma ** (step // cfg.step_size)
+    return base_lr
+
+
+def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor,
+               lr: float, exchange: bool, l2_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One local step: g_i = ∇(mean CE + (l2_lambda/2)||w||²), then the algorithm's update.
+
+    Returns the minibatch loss and number of correct predictions, as tensors (no device sync).
+    """
+    flat.g.zero_()
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    if l2_lambda:
+        flat.g.add_(flat.w, alpha=l2_lambda)
+    algorithm.step(lr, exchange)
+    return loss.detach(), (out.argmax(1) == y).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy of `model` on a whole split."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train()
+    return loss_sum / count, correct / count
+
+
+@dataclass
+class Node:
+    """Everything one node trains with; built after validation, before the first step."""
+
+    model: nn.Module
+    flat: FlatParams
+    algorithm: Algorithm
+    loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+
+
+def evaluate_network(node: Node, comm: Comm) -> dict[str, float]:
+    """This node's val/test metrics plus the network's: consensus distance and the averaged model.
+
+    consensus_dist = (1/n) Σ_i ||w_i − w̄||²; avg_test_* evaluate w̄ = (1/n) Σ_i w_i.
+    """
+    row: dict[str, float] = {}
+    row["val_loss"], row["val_acc"] = evaluate(node.model, node.val_loader, comm.device)
+    row["test_loss"], row["test_acc"] = evaluate(node.model, node.test_loader, comm.device)
+    w = node.flat.w
+    w_bar = comm.all_reduce_mean_(w.clone(), training=False)
+    row["consensus_dist"] = comm.all_reduce_sum([(w - w_bar).pow(2).sum().item()])[0] / comm.world_size
+    w_i = w.clone()
+    w.copy_(w_bar)
+    row["avg_test_loss"], row["avg_test_acc"] = evaluate(node.model, node.test_loader, comm.device)
+    w.copy_(w_i)
+    return row
+
+
+def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.ndarray) -> Node:
+    model = build_model(cfg.model, splits.in_shape, splits.num_classes).to(comm.device)
+    flat = FlatParams(model)  # after .to(): the views must live on the final device
+    algorithm = build_algorithm(flat, cfg.algorithm, topology, comm)
+    loader = node_loader(splits, shard, cfg.data, seed=cfg.run.seed + comm.rank, n_nodes=comm.world_size)
+    return Node(model, flat, algorithm, loader, eval_loader(splits.val, 1000), eval_loader(splits.test, 1000))
+
+
+def _setup_logging(cfg: Config, env: Env) -> None:
+    level = getattr(logging, cfg.log.level.upper()) if env.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [node{env.rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+def run(cfg: Config) -> None:
+    """Train one node until the configured epochs are done. Validates everything before any rank waits."""
+    env = read_env()
+    _setup_logging(cfg, env)
+    device, backend = resolve_device(cfg.run.device, cfg.comm.backend, env)
+    topology = build_topology(cfg.topology, env.world_size) if env.world_size > 1 else Topology(1, ())
+    if cfg.algorithm.mixing == "file" and topology.weights is None:
+        raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
+    splits = load_splits(cfg.data)
+    shards = partition(splits.train_labels, env.world_size, cfg.data)
+    out_dir = cfg.out_dir
+    resume = checkpoint.check_run_dir(out_dir, cfg.run.resume)
+
+    comm = Comm(env, device, backend, cfg.comm)
+    comm.start()
+    try:
+        torch.manual_seed(cfg.run.seed + env.rank)  # dropout etc.; the model has its own seed
+        node = build_node(cfg, comm, topology, splits, shards[env.rank])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            (out_dir / "config.toml").write_text(to_toml(cfg))
+            topology.save(out_dir / "topology.json")
+            log.info("%d nodes, %s on %s (%s), %d parameters", env.world_size, cfg.algorithm.name,
+                     device, backend, node.flat.w.numel())
+            if env.world_size > 1:
+                log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
+        hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
+        for rank, h in enumerate(hist):
+            log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
+        ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every)
+        start_epoch = ckpt.resume(node, comm) if resume else 0
+        train_loop(cfg, env, comm, node, ckpt, start_epoch)
+        comm.barrier()
+        if env.is_main and cfg.log.plots and cfg.log.csv:
+            plots.plot_run(out_dir)
+    finally:
+        comm.stop()
+
+
+def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.Checkpointer, start_epoch: int) -> None:
+    tcfg, acfg = cfg.train, cfg.algorithm
+    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch if start_epoch else None)
+    steps_per_epoch = len(node.loader)
+    step = start_epoch * steps_per_epoch
+    sleep_rng = random.Random(cfg.run.seed + env.rank)
+    slow = tcfg.sleep_factor > 0 and (not tcfg.slow_ranks or env.rank in tcfg.slow_ranks)
+    bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
+               desc="train", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+        # local steps, exchanging every K-th
+        t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
+        loss_sum = torch.zeros((), device=comm.device)
+        correct = torch.zeros((), device=comm.device, dtype=torch.long)
+        for x, y in node.loader:
+            lr = lr_at(step, tcfg, acfg.lr)
+            exchange = (step + 1) % acfg.interval == 0
+            loss, right = train_step(node.model, node.flat, node.algorithm, x.to(comm.device),
+                                     y.to(comm.device), lr, exchange, acfg.l2_lambda)
+            loss_sum += loss
+            correct += right
+            step += 1
+            bar.update()
+        train_s = time.perf_counter() - t_epoch
+        n_seen = steps_per_epoch * cfg.data.batch_size
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / n_seen,
+               "lr": lr, "bytes_sent": comm.bytes_sent, "comm_s": comm.comm_s - comm_s0}
+        row["compute_s"] = train_s - row["comm_s"]
+
+        # stop every node together if any loss is not finite
+        bad = comm.all_gather_floats([float(not np.isfinite(row["train_loss"]))])
+        if any(b[0] for b in bad):
+            ranks = [r for r, b in enumerate(bad) if b[0]]
+            raise NonFiniteLoss(f"non-finite training loss on node(s) {ranks} in epoch {epoch}: lower --algorithm.lr; "
+                                f"the last good checkpoint is kept in {ckpt.dir}")
+
+        # evaluate the node and the network
+        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+            row.update(evaluate_network(node, comm))
+            accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
+            log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | "
+                     "consensus %.3e | %.1fs", epoch, tcfg.epochs, row["train_loss"], float(np.mean(accs)), min(accs),
+                     max(accs), row["avg_test_acc"], row["consensus_dist"], time.perf_counter() - t_start)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
+
+        # straggler simulation (the seed's sleep_factor)
+        row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * sleep_rng.random()) if slow else 0.0
+        time.sleep(row["sleep_s"])
+        row["wall_s"] = time.perf_counter() - t_start
+        metrics.log(row)
+        ckpt.maybe_save(epoch, node, comm, step)
+    bar.close()
+    metrics.close()

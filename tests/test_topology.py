@@ -1,0 +1,261 @@
+"""Topology: generators, mixing matrices, colourings and the validation of topology files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2p.config import ConfigError, TopologyConfig
+from p2p.topology import Topology, build_topology, generate, load_topology
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPHS = [("ring", 8), ("torus", 16), ("complete", 5), ("star", 6), ("exponential", 8), ("random_regular", 10)]
+
+
+def degrees(t: Topology) -> list[int]:
+    return [t.degree(i) for i in range(t.n)]
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "topo.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+# --- generators ---------------------------------------------------------------------------------------------------
+
+
+def test_generator_degrees():
+    assert degrees(generate("ring", 8)) == [2] * 8
+    assert generate("ring", 8).neighbors(0) == [1, 7]
+    assert generate("ring", 2).edges == ((0, 1),)
+    assert generate("ring", 1).edges == ()
+    assert degrees(generate("torus", 16)) == [4] * 16
+    assert len(generate("torus", 16).edges) == 32
+    assert degrees(generate("complete", 5)) == [4] * 5
+    assert degrees(generate("star", 6)) == [5, 1, 1, 1, 1, 1]
+    assert generate("star", 6).neighbors(3) == [0]
+    # exponential 8: i +- 1, 2, 4 mod 8 -> offsets {1, 2, 4, 6, 7}
+    assert degrees(generate("exponential", 8)) == [5] * 8
+    assert generate("exponential", 8).neighbors(0) == [1, 2, 4, 6, 7]
+    rr = generate("random_regular", 10, degree=3, seed=1)
+    assert degrees(rr) == [3] * 10 and rr.is_regular
+    assert not generate("star", 4).is_regular
+
+
+def test_torus_shapes():
+    # 2 x 4 torus: the 2-wide dimension must not duplicate edges, so every node has degree 3
+    t = generate("torus", 8)
+    assert degrees(t) == [3] * 8 and len(t.edges) == 12
+    assert t.neighbors(0) == [1, 3, 4]
+    # a prime n gives a 1 x n torus, i.e. a ring
+    assert generate("torus", 7).edges == generate("ring", 7).edges
+    assert generate("torus", 12).source == "torus(n=12, 3x4)"
+
+
+@pytest.mark.parametrize("name,n", GRAPHS)
+def test_edges_normalised(name, n):
+    t = generate(name, n)
+    assert all(i < j for i, j in t.edges)
+    assert list(t.edges) == sorted(set(t.edges))
+    assert t == generate(name, n)  # deterministic
+
+
+def test_generator_errors():
+    with pytest.raises(ConfigError, match="unknown topology 'hypercube'"):
+        generate("hypercube", 8)
+    with pytest.raises(ConfigError, match="--topology.n: .*at least 1 node, got 0"):
+        generate("ring", 0)
+    with pytest.raises(ConfigError, match="n \\* degree even"):
+        generate("random_regular", 5, degree=3)
+    with pytest.raises(ConfigError, match="1 <= degree < n"):
+        generate("random_regular", 4, degree=4)
+
+
+# --- mixing ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,n", GRAPHS)
+def test_metropolis_doubly_stochastic(name, n):
+    W = generate(name, n).mixing_matrix("metropolis")
+    assert W.shape == (n, n)
+    np.testing.assert_allclose(W, W.T)
+    np.testing.assert_allclose(W.sum(axis=1), np.ones(n))
+    assert W.min() >= 0
+
+
+def test_metropolis_star_values():
+    W = generate("star", 4).mixing_matrix("metropolis")  # centre degree 3: every edge 1/4
+    np.testing.assert_allclose(W[0], [0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_allclose(W[1], [0.25, 0.75, 0, 0])
+
+
+def test_uniform():
+    W = generate("ring", 6).mixing_matrix("uniform")
+    np.testing.assert_allclose(W.sum(axis=0), np.ones(6))
+    np.testing.assert_allclose(W.sum(axis=1), np.ones(6))
+    np.testing.assert_allclose(W[0, [0, 1, 5]], [1 / 3] * 3)
+    S = generate("star", 4).mixing_matrix("uniform")  # rows sum to 1, columns do not: irregular
+    np.testing.assert_allclose(S.sum(axis=1), np.ones(4))
+    assert S.sum(axis=0)[0] == pytest.approx(0.25 + 3 * 0.5)
+
+
+def test_spectral_gap_ring4():
+    t = generate("ring", 4)
+    W = t.mixing_matrix("metropolis")
+    np.testing.assert_allclose(W, np.array([[1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 1, 1]]) / 3)
+    assert t.spectral_gap(W) == pytest.approx(2 / 3)  # eigenvalues 1, 1/3, 1/3, -1/3
+    assert t.spectral_gap(generate("complete", 5).mixing_matrix("metropolis")) == pytest.approx(1.0)
+
+
+def test_file_mixing(tmp_path):
+    path = write(tmp_path, {"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 1, 0.5], [2, 1, 0.25]]})
+    W = load_topology(path).mixing_matrix("file")
+    np.testing.assert_allclose(W, [[0.5, 0.5, 0], [0.5, 0.25, 0.25], [0, 0.25, 0.75]])
+    with pytest.raises(ConfigError, match="has no per-edge weights; use --algorithm.mixing metropolis"):
+        generate("ring", 4).mixing_matrix("file")
+
+
+def test_summary():
+    s = generate("ring", 4).summary("metropolis")
+    assert s == "topology ring(n=4): 4 nodes, 4 edges, degree 2..2, spectral gap 0.6667 (metropolis mixing)"
+
+
+# --- signs and matchings ------------------------------------------------------------------------------------------
+
+
+def test_edge_sign_antisymmetric():
+    t = generate("complete", 4)
+    for i, j in t.edges:
+        assert t.edge_sign(i, j) == 1 and t.edge_sign(j, i) == -1
+
+
+@pytest.mark.parametrize("name,n", GRAPHS + [("ring", 5), ("star", 5)])
+def test_matchings_proper_and_covering(name, n):
+    t = generate(name, n)
+    colours = t.matchings()
+    for matching in colours:
+        nodes = [v for e in matching for v in e]
+        assert len(nodes) == len(set(nodes)), f"a node appears twice in colour {matching}"
+    flat = [e for m in colours for e in m]
+    assert sorted(flat) == list(t.edges)  # every edge exactly once
+    assert len(colours) <= 2 * max(degrees(t)) - 1  # greedy bound
+    assert colours == t.matchings()
+
+
+def test_matchings_values():
+    assert generate("ring", 4).matchings() == [[(0, 1), (2, 3)], [(0, 3), (1, 2)]]
+    assert generate("ring", 5).matchings() == [[(0, 1), (2, 3)], [(0, 4), (1, 2)], [(3, 4)]]  # odd ring: 3 colours
+    assert len(generate("star", 5).matchings()) == 4
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+
+
+def test_our_format_merges_duplicates(tmp_path):
+    t = load_topology(write(tmp_path, {"n": 3, "edges": [[1, 0], [0, 1], [1, 2]]}))
+    assert t.edges == ((0, 1), (1, 2)) and t.weights is None and t.source == str(tmp_path / "topo.json")
+
+
+def node_list(edges: dict[str, object]) -> dict:
+    return {"nodes": [{"name": k, "addr": "localhost", "port": 9997 + r, "edges": v}
+                      for r, (k, v) in enumerate(edges.items())]}
+
+
+def test_node_list_is_complete3(tmp_path):
+    seed = node_list({"CASPER": ["BALTHASAR", "MELCHIOR"], "BALTHASAR": ["CASPER", "MELCHIOR"],
+                      "MELCHIOR": ["CASPER", "BALTHASAR"]})
+    assert load_topology(write(tmp_path, seed)).edges == generate("complete", 3).edges
+    as_dict = node_list({"A": {"B": 1}, "B": {"A": 1, "C": 1}, "C": {"B": 1}})
+    assert load_topology(write(tmp_path, as_dict)).edges == ((0, 1), (1, 2))
+
+
+BAD = [
+    ("not json {", "is not valid JSON"),
+    ([1, 2], 'expected {"n": ..., "edges": \\[...\\]} or {"nodes": \\[...\\]}'),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "extra": 1}, "unknown field\\(s\\) \\['extra'\\]"),
+    ({"n": 0, "edges": []}, '"n" must be a positive integer, got 0'),
+    ({"n": 3, "edges": [[0, 1, 2]]}, "edge \\[0, 1, 2\\] is not an \\[i, j\\] pair"),
+    ({"n": 4, "edges": [[0, 1], [2, 3]]}, "is not connected: nodes \\[2, 3\\] cannot reach node 0"),
+    ({"n": 3, "edges": [[0, 1], [1, 1], [1, 2]]}, "self-loop \\[1, 1\\] on node 1"),
+    ({"n": 3, "edges": [[0, 1], [1, 3]]}, "edge \\[1, 3\\] has an endpoint out of range 0..2"),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 1, 0.3], [1, 0, 0.4], [1, 2, 0.2]]},
+     "weights of \\(1, 0\\) are not symmetric: 0.3 and 0.4"),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 1, -0.1], [1, 2, 0.2]]}, "weight \\[0, 1, -0.1\\] is negative"),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 1, 0.6], [1, 2, 0.5]]}, "weights of node 1 sum to 1.1 > 1"),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 1, 0.5]]}, "edge \\[1, 2\\] has no weight"),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "weights": [[0, 2, 0.5]]}, "weight \\[0, 2, 0.5\\] is on \\(0, 2\\), which is not"),
+    (node_list({"A": ["B"], "B": ["A", "C"], "C": []}), "not symmetric: B lists C but C does not list B"),
+    (node_list({"A": ["B"], "B": ["A", "DAVE"]}), "node B lists unknown neighbour 'DAVE'"),
+    (node_list({"A": ["A", "B"], "B": ["A"]}), "self-loop on node A"),
+    (node_list({"A": ["B"], "B": ["A"], "C": []}), "is not connected: nodes \\[2\\] cannot reach node 0"),
+    ({"nodes": [{"addr": "localhost"}]}, '"nodes" must be a non-empty list of objects with a "name" string'),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD)
+def test_bad_files(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError, match=f"^topology (file )?{path}:? .*{message}") as e:
+        load_topology(path)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_within_tolerance(tmp_path):
+    path = write(tmp_path, {"n": 2, "edges": [[0, 1]], "weights": [[0, 1, 1 + 1e-12]]})
+    assert load_topology(path).weights == {(0, 1): 1 + 1e-12}
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=f"^topology file {tmp_path}/nope.json not found$"):
+        load_topology(tmp_path / "nope.json")
+
+
+def test_build_topology(tmp_path):
+    assert build_topology(TopologyConfig(name="ring"), 6).edges == generate("ring", 6).edges
+    assert build_topology(TopologyConfig(path=str(ROOT / "topologies/ring4.json")), 4).n == 4
+    with pytest.raises(ConfigError, match="ring4.json has 4 nodes but the world size is 8: launch with "
+                                          "--nproc_per_node 4 or pick another topology"):
+        build_topology(TopologyConfig(path=str(ROOT / "topologies/ring4.json")), 8)
+    with pytest.raises(ConfigError, match="^topology torus\\(n=16, 4x4\\) has 16 nodes but the world size is 4"):
+        build_topology(TopologyConfig(name="torus", n=16), 4)
+
+
+# --- shipped files and CLI ----------------------------------------------------------------------------------------
+
+
+def test_shipped_files():
+    files = ROOT / "topologies"
+    assert load_topology(files / "ring4.json").edges == generate("ring", 4).edges
+    assert load_topology(files / "ring8.json").edges == generate("ring", 8).edges
+    torus = load_topology(files / "torus16.json")
+    assert torus.n == 16 and torus.is_regular and torus.degree(0) == 4
+    complete3 = load_topology(files / "complete3.json")
+    assert complete3.edges == ((0, 1), (0, 2), (1, 2))
+    assert load_topology(files / "node_list_example.json").edges == complete3.edges
+
+
+def test_cli_roundtrip(tmp_path):
+    out = tmp_path / "rr.json"
+    cmd = [sys.executable, "-m", "p2p.topology", "random_regular", "12", "--degree", "4", "--seed", "3", "-o", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "12 nodes, 24 edges, degree 4..4" in proc.stderr
+    loaded = load_topology(out)
+    assert loaded.edges == generate("random_regular", 12, degree=4, seed=3).edges
+    assert json.loads(out.read_text()) == loaded.to_json()
+
+    printed = subprocess.run([sys.executable, "-m", "p2p.topology", "ring", "5"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    assert json.loads(printed) == {"n": 5, "edges": [[0, 1], [0, 4], [1, 2], [2, 3], [3, 4]]}
+
+
+def test_save_with_weights_roundtrip(tmp_path):
+    t = Topology(n=2, edges=((0, 1),), weights={(0, 1): 0.5}, source="x")
+    t.save(tmp_path / "w.json")
+    loaded = load_topology(tmp_path / "w.json")
+    assert loaded.weights == {(0, 1): 0.5} and loaded.edges == t.edges
