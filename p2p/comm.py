@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 from p2p.config import CommConfig, ConfigError
+
+
+class PeerFailure(RuntimeError):
+    """A peer died or did not answer within comm.timeout_s: this node stops, naming whom it waited for."""
 
 
 @dataclass
@@ -93,7 +99,8 @@ class Comm:
 
     def barrier(self) -> None:
         flag = torch.ones(1, device=self.device)
-        dist.all_reduce(flag)
+        with self._guard("barrier over all ranks"):
+            dist.all_reduce(flag)
 
     def exchange(self, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor]) -> None:
         """Send `send[j]` to each peer j and receive into `recv[j]`, all posted together.
@@ -103,10 +110,11 @@ class Comm:
         start = time.perf_counter()
         ops = [dist.P2POp(dist.isend, t, peer) for peer, t in send.items()]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recv.items()]
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        self._sync()
+        with self._guard(f"exchange with neighbour(s) {sorted(set(send) | set(recv))}"):
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait(self.timeout)
+            self._sync()
         self.bytes_sent += sum(t.numel() * t.element_size() for t in send.values())
         self.comm_s += time.perf_counter() - start
 
@@ -117,7 +125,8 @@ class Comm:
         and its time; evaluation traffic (averaged model, consensus distance) counts neither.
         """
         start = time.perf_counter()
-        dist.all_reduce(t)
+        with self._guard("all-reduce over all ranks"):
+            dist.all_reduce(t)
         t.div_(self.world_size)
         if training:
             self._sync()
@@ -128,15 +137,27 @@ class Comm:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few scalars over all ranks (metrics, flags); not counted as training traffic."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        with self._guard("all-reduce over all ranks"):
+            dist.all_reduce(t)
         return t.tolist()
 
     def all_gather_floats(self, values: list[float]) -> list[list[float]]:
         """Every rank's scalars, indexed by rank (for logs that compare nodes)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
+        with self._guard("all-gather over all ranks"):
+            dist.all_gather(out, t)
         return [o.tolist() for o in out]
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Turn a backend error or timeout into one line naming the peers this node waited for."""
+        try:
+            yield
+        except RuntimeError as e:  # DistBackendError, gloo timeouts and closed connections all are
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise PeerFailure(f"node {self.rank}: {what} failed (timeout {self.timeout.total_seconds():.0f}s): "
+                              f"{reason}; a peer died or hangs, restart with torchrun --max-restarts") from e
 
     def _sync(self) -> None:
         # NCCL work completes on a stream; wait for it so comm_s measures the transfer.

@@ -1,0 +1,71 @@
+"""Run a function on several real processes joined in a gloo group on loopback (no mocks).
+
+Every run has a deadline: a hung collective fails the test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from p2p.comm import Comm, free_port, read_env
+from p2p.config import CommConfig
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    comm = Comm(read_env(), torch.device("cpu"), "gloo", CommConfig(timeout_s=60))
+    try:
+        comm.start()
+        results.put((rank, True, fn(comm, *args)))
+    except BaseException:  # report, so the parent fails with the child's traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        comm.stop()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
+    """`fn(comm, *args)` on `world_size` processes; returns each rank's result, by rank.
+
+    `fn` must be a module-level function; results should be plain Python/numpy/torch CPU values.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(out))} did not finish in {timeout}s")
+            try:
+                rank, ok, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                if dead:
+                    raise RuntimeError(f"ranks {dead} died without reporting (exit codes "
+                                       f"{[procs[r].exitcode for r in dead]})")
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world_size)]
