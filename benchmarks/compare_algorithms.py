@@ -1,0 +1,70 @@
+"""Run every algorithm on the same non-IID problem and print the README's comparison table.
+
+    python benchmarks/compare_algorithms.py                      # 9 algorithms x 2 partitions
+    python benchmarks/compare_algorithms.py --algorithms dsgd pdmm --partitions dirichlet
+
+Each row is one torchrun launch of configs/compare_digits.toml; results are read from the run's CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"]
+
+
+def run(algorithm: str, partition: str, nproc: int, out: Path, extra: list[str]) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "train.py", "--config", "configs/compare_digits.toml", "--algorithm.name", algorithm,
+           "--data.partition", partition, "--run.dir", str(out), *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{algorithm}/{partition} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def summarize(out: Path) -> dict[str, float]:
+    last = []
+    for path in sorted(out.glob("node*.csv")):
+        with path.open() as f:
+            last.append(list(csv.DictReader(f))[-1])
+    accs = [float(r["test_acc"]) for r in last]
+    return {"mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs),
+            "avg_model": float(last[0]["avg_test_acc"]), "consensus": float(last[0]["consensus_dist"]),
+            "mb_sent": sum(float(r["bytes_sent"]) for r in last) / len(last) / 1e6,
+            "train_s": max(float(r["wall_s"]) for r in last)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
+    parser.add_argument("--partitions", nargs="+", default=["classes", "dirichlet"])
+    parser.add_argument("--nproc", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("extra", nargs="*", help="config overrides passed to every run, after --")
+    args = parser.parse_args()
+    print("| partition | algorithm | node test acc mean [min, max] | averaged-model acc | consensus dist "
+          "| MB sent / node | train s | launch s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for partition in args.partitions:
+        for algorithm in args.algorithms:
+            out = args.out / f"{algorithm}_{partition}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run per row
+            launch_s = run(algorithm, partition, args.nproc, out, args.extra)
+            s = summarize(out)
+            print(f"| {partition} | {algorithm} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
+                  f"{s['avg_model']:.3f} | {s['consensus']:.2e} | {s['mb_sent']:.1f} | {s['train_s']:.0f} "
+                  f"| {launch_s:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Several hosts: run this same command on every host (same RDZV_ENDPOINT and RDZV_ID).
+#   RDZV_ENDPOINT=10.0.0.1:29500 NNODES=2 NPROC=4 launch/multihost.sh --run.name big
+# Ranks are numbered host by host; the topology file needs NNODES*NPROC nodes.
+# torch.distributed has no authentication: keep RDZV_ENDPOINT on a trusted network.
+set -euo pipefail
+NNODES=${NNODES:-2}
+NPROC=${NPROC:-4}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:?set RDZV_ENDPOINT=HOST:PORT of one of the hosts}
+RDZV_ID=${RDZV_ID:-p2p}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+CONFIG=${CONFIG:-configs/quickstart.toml}
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" \
+    --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
+    --max-restarts "$MAX_RESTARTS" \
+    train.py --config "$CONFIG" "$@"
