@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -146,6 +147,9 @@ CHOICES: dict[str, tuple] = {
 }
 
 
+CLI = "the command line"
+
+
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -155,40 +159,45 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, typ: Any, flag: str) -> Any:
-    """Convert a TOML value or a CLI string to the field's type, or raise ConfigError naming the flag."""
-    from_cli = isinstance(value, str) and typ is not str
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_cli(text: str, typ: Any) -> Any:
+    """A command-line string as the field's type: `true`, `0.1`, `3`, `1,2` or `[1, 2]`."""
+    if typ is bool:
+        return _BOOL_WORDS[text.lower()]
+    if typ in (int, float):
+        return typ(text)
+    if typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        if text.strip().startswith("["):
+            return json.loads(text)
+        return [_parse_cli(v.strip(), item) for v in text.split(",") if v.strip()]
+    return text
+
+
+def _coerce(value: Any, typ: Any, flag: str, from_cli: bool) -> Any:
+    """The value as the field's type, or ConfigError naming the flag.
+
+    Command-line values arrive as strings and are parsed; TOML values must already have the type
+    (`epochs = "3"` in a file is an error, not silently 3).
+    """
     try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if from_cli and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if from_cli and value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if not isinstance(value, str):
-                raise ValueError
+        if from_cli:
+            value = _parse_cli(value, typ)
+        if typ is bool and isinstance(value, bool):
             return value
-        if typing.get_origin(typ) is list:
+        if typ is int and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is str and isinstance(value, str):
+            return value
+        if typing.get_origin(typ) is list and isinstance(value, list):
             (item,) = typing.get_args(typ)
-            if from_cli:
-                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError
-            return [_coerce(v, item, flag) for v in value]
-    except (ValueError, TypeError, json.JSONDecodeError):
+            return [_coerce(v, item, flag, from_cli=False) for v in value]
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
         pass
     name = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"--{flag}: expected {name}, got {value!r}")
@@ -202,7 +211,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     types = _field_types(type(sub))
     if key not in types:
         raise ConfigError(f"unknown config key '{section}.{key}' in {source}{_suggest(key, types)}")
-    setattr(sub, key, _coerce(value, types[key], f"{section}.{key}"))
+    setattr(sub, key, _coerce(value, types[key], f"{section}.{key}", from_cli=source == CLI))
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -250,7 +259,7 @@ def load_config(argv: list[str]) -> Config:
                 _apply(cfg, section, key, value, str(path))
     for dotted, value in overrides:
         section, _, key = dotted.partition(".")
-        _apply(cfg, section, key, value, "the command line")
+        _apply(cfg, section, key, value, CLI)
     validate(cfg)
     return cfg
 
@@ -286,7 +295,7 @@ def validate(cfg: Config) -> None:
         (t.step_size >= 1, "--train.step_size must be >= 1"),
         (0 < t.gamma <= 1, "--train.gamma must be in (0, 1]"),
         (t.sleep_factor >= 0, "--train.sleep_factor must be >= 0"),
-        (cfg.comm.timeout_s > 0, "--comm.timeout_s must be > 0"),
+        (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
     ]
@@ -295,12 +304,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # inf, -inf, nan: TOML spells them so, JSON cannot
+    # JSON scalars and lists are valid TOML; raw UTF-8, as TOML rejects JSON's surrogate-pair escapes
+    return json.dumps(value, ensure_ascii=False)
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML, so a run can be repeated with `--config <dir>/config.toml`."""
     lines = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars and lists are valid TOML
+            lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ Every run has a deadline: a hung collective fails the test instead of hanging CI
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -26,7 +27,9 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results: Any, a
     comm = Comm(read_env(), torch.device("cpu"), "gloo", CommConfig(timeout_s=60))
     try:
         comm.start()
-        results.put((rank, True, fn(comm, *args)))
+        # Plain pickle copies tensors by value: torch's queue would pass a file descriptor that dies
+        # with this process, so the parent could fail to read the result of a rank that already exited.
+        results.put((rank, True, pickle.dumps(fn(comm, *args))))
     except BaseException:  # report, so the parent fails with the child's traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -62,7 +65,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

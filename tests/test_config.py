@@ -1,0 +1,175 @@
+"""Config: TOML + dotted CLI overrides, precedence, suggestions for typos, validation, and the saved copy."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from p2p.config import Config, ConfigError, load_config, to_toml, validate
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    return str(e.value)
+
+
+# --- loading and precedence -------------------------------------------------------------------------------------
+
+
+def test_defaults_without_arguments():
+    assert load_config([]) == Config()
+
+
+def test_toml_sets_fields_and_keeps_the_other_defaults(tmp_path):
+    path = write(tmp_path, """
+[algorithm]
+name = "pdmm"
+lr = 1           # an integer where a float is expected is fine
+[data]
+batch_size = 16
+augment = false
+[train]
+slow_ranks = [1, 3]
+""")
+    cfg = load_config(["--config", path])
+    assert cfg.algorithm.name == "pdmm"
+    assert cfg.algorithm.lr == 1.0 and isinstance(cfg.algorithm.lr, float)
+    assert cfg.data.batch_size == 16 and cfg.data.augment is False
+    assert cfg.train.slow_ranks == [1, 3]
+    assert cfg.train.epochs == Config().train.epochs  # untouched: the default
+    assert cfg.model == Config().model
+
+
+def test_cli_forms_space_equals_and_bare_bool(tmp_path):
+    cfg = load_config(["--algorithm.lr", "0.25", "--train.epochs=7", "--run.resume", "--data.augment", "false",
+                       "--train.slow_ranks", "0,2", "--log.progress"])
+    assert cfg.algorithm.lr == 0.25
+    assert cfg.train.epochs == 7
+    assert cfg.run.resume is True  # bare flag followed by another option
+    assert cfg.log.progress is True  # bare flag at the very end
+    assert cfg.data.augment is False
+    assert cfg.train.slow_ranks == [0, 2]
+    assert load_config(["--train.slow_ranks=[1, 2]"]).train.slow_ranks == [1, 2]
+    assert load_config(["--run.dir="]).run.dir == ""
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    path = write(tmp_path, """
+[algorithm]
+lr = 0.2
+momentum = 0.5
+[train]
+epochs = 4
+""")
+    # --config may come after the overrides: the CLI still wins
+    cfg = load_config(["--algorithm.lr", "0.3", "--config", path])
+    assert cfg.algorithm.lr == 0.3  # CLI over TOML
+    assert cfg.algorithm.momentum == 0.5 and cfg.train.epochs == 4  # TOML over defaults
+    assert cfg.algorithm.interval == 1 and cfg.data.batch_size == 32  # defaults
+
+
+# --- mistakes: one message that says what to change ---------------------------------------------------------------
+
+
+def test_unknown_section_and_key_suggest_the_nearest_name(tmp_path):
+    msg = error(["--algoritm.lr", "0.1"])
+    assert "algoritm" in msg and "did you mean 'algorithm'" in msg
+    msg = error(["--algorithm.lrr", "0.1"])
+    assert "algorithm.lrr" in msg and "did you mean 'lr'" in msg
+    msg = error(["--config", write(tmp_path, "[trian]\nepochs = 3\n")])
+    assert "trian" in msg and "did you mean 'train'" in msg and "cfg.toml" in msg
+    msg = error(["--config", write(tmp_path, "[train]\nepoch = 3\n")])
+    assert "train.epoch" in msg and "did you mean 'epochs'" in msg
+
+
+def test_wrong_type_names_the_flag(tmp_path):
+    msg = error(["--train.epochs", "abc"])
+    assert msg.startswith("--train.epochs") and "int" in msg and "'abc'" in msg
+    assert error(["--train.epochs", "2.5"]).startswith("--train.epochs")
+    assert error(["--algorithm.lr", "fast"]).startswith("--algorithm.lr")
+    assert error(["--run.resume", "maybe"]).startswith("--run.resume")
+    assert error(["--train.slow_ranks", "1,x"]).startswith("--train.slow_ranks")
+    assert error(["--config", write(tmp_path, "[train]\nepochs = 2.5\n")]).startswith("--train.epochs")
+    assert error(["--config", write(tmp_path, "[data]\naugment = 1\n")]).startswith("--data.augment")
+
+
+def test_malformed_command_lines_and_files(tmp_path):
+    assert "--section.field" in error(["epochs", "3"])
+    assert "--section.field" in error(["--lr", "0.1"])
+    assert "not found" in error(["--config", str(tmp_path / "missing.toml")])
+    assert "not valid TOML" in error(["--config", write(tmp_path, "[train\n")])
+    assert "[section]" in error(["--config", write(tmp_path, "epochs = 3\n")])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--algorithm.lr", "0"], "--algorithm.lr must be > 0"),
+    (["--algorithm.lr", "-0.1"], "--algorithm.lr must be > 0"),
+    (["--data.batch_size", "0"], "--data.batch_size must be > 0"),
+    (["--train.epochs", "0"], "--train.epochs must be >= 1"),
+    (["--algorithm.interval", "0"], "--algorithm.interval (K) must be >= 1"),
+    (["--data.alpha", "0"], "--data.alpha (Dirichlet concentration) must be > 0"),
+    (["--algorithm.piw", "3"], "--algorithm.piw: unknown value 3.0; choose one of 0.5, 1.0, 2.0"),
+    (["--algorithm.name", "dsdg"], "--algorithm.name: unknown value 'dsdg' (did you mean 'dsgd'?)"),
+    (["--model.name", "cnnn"], "--model.name: unknown value 'cnnn' (did you mean 'cnn'?)"),
+    (["--data.name", "fashionmnst"], "--data.name: unknown value 'fashionmnst' (did you mean 'fashionmnist'?)"),
+    (["--data.partition", "dirichelt"], "--data.partition: unknown value 'dirichelt' (did you mean 'dirichlet'?)"),
+    (["--train.scheduler", "stepp"], "--train.scheduler: unknown value 'stepp' (did you mean 'step'?)"),
+    (["--algorithm.optimizer", "adam"], "--algorithm.optimizer adam is only for local and allreduce"),
+    (["--comm.timeout_s", "inf"], "--comm.timeout_s must be > 0 and finite"),  # timedelta(inf) would overflow
+])
+def test_validate_names_the_flag(argv, expected):
+    assert expected in error(argv)
+
+
+def test_validate_accepts_what_it_should():
+    for name in ("local", "allreduce"):
+        assert load_config(["--algorithm.name", name, "--algorithm.optimizer", "adam"]).algorithm.optimizer == "adam"
+    assert load_config(["--algorithm.piw", "0.5"]).algorithm.piw == 0.5
+    cfg = Config()
+    cfg.data.alpha = -1.0  # validate also works on a config built in code
+    with pytest.raises(ConfigError, match="--data.alpha"):
+        validate(cfg)
+
+
+# --- the copy saved with a run ----------------------------------------------------------------------------------
+
+
+def test_to_toml_round_trips(tmp_path):
+    cfg = load_config([
+        "--run.name", "räty-😀", "--run.dir", str(tmp_path / "some dir"), "--run.resume",
+        "--data.partition", "classes", "--data.alpha", "0.125", "--data.augment", "false",
+        "--model.name", "mlp", "--model.hidden", "17",
+        "--topology.name", "torus", "--topology.n", "16",
+        "--algorithm.name", "admm_isvr", "--algorithm.lr", "1e-05", "--algorithm.piw", "2", "--algorithm.interval", "3",
+        "--algorithm.eta", "0.0003", "--algorithm.use_gcoef",
+        "--train.epochs", "2", "--train.slow_ranks", "1,5", "--train.gamma", "0.5",
+        "--comm.timeout_s", "12.5", "--log.tensorboard", "false", "--log.level", "debug",
+    ])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    again = load_config(["--config", str(path)])
+    assert again == cfg
+    for section in dataclasses.fields(Config):  # and with the exact types, not just equal values
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            assert type(getattr(getattr(again, section.name), key)) is type(value), (section.name, key)
+    assert load_config(["--config", write(tmp_path, to_toml(Config()))]) == Config()
+    cfg = Config()
+    cfg.algorithm.eta = math.inf  # valid (> 0) yet not a JSON number: written as TOML's inf
+    assert load_config(["--config", write(tmp_path, to_toml(cfg))]).algorithm.eta == math.inf
+
+
+def test_toml_values_must_already_have_the_field_type(tmp_path):
+    path = tmp_path / "strict.toml"
+    path.write_text('[train]\nepochs = "3"\n')
+    with pytest.raises(ConfigError, match=r"--train.epochs: expected int, got '3'"):
+        load_config(["--config", str(path)])

@@ -1,0 +1,93 @@
+"""The quickstart, shortened, launched exactly as a user would: torchrun, 4 nodes, gloo on CPU."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2p.config import load_config
+
+pytestmark = pytest.mark.timeout(420)
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, NODES = 3, 4
+HEADER = "epoch,train_loss,val_loss,test_loss,train_acc,val_acc,test_acc"
+
+
+def _launch(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root; on timeout kill its whole process group (torchrun's workers too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _rows(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_quickstart_under_torchrun(tmp_path):
+    run_dir = tmp_path / "qs"
+    proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
+                    "train.py", "--config", "configs/quickstart.toml", "--train.epochs", str(EPOCHS),
+                    "--run.dir", str(run_dir), "--log.progress", "false"], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # one CSV per node, the seed's columns first, one row per epoch
+    assert sorted(p.name for p in run_dir.glob("node*.csv")) == [f"node{i}.csv" for i in range(NODES)]
+    for i in range(NODES):
+        path = run_dir / f"node{i}.csv"
+        header = path.read_text().splitlines()[0]
+        assert header.startswith(HEADER), header
+        for column in ("consensus_dist", "avg_test_acc", "lr", "bytes_sent", "compute_s", "comm_s"):
+            assert column in header.split(","), column
+        rows = _rows(path)
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"], (i, [r["train_loss"] for r in rows])
+        sent = [r["bytes_sent"] for r in rows]
+        assert 0 < sent[0] < sent[1] < sent[2], (i, sent)
+        assert all(r["lr"] == 0.1 for r in rows)
+        assert all(0 <= r["test_acc"] <= 1 and r["consensus_dist"] >= 0 for r in rows)
+
+    # TensorBoard: one directory per node plus the network-wide one
+    for sub in [f"node{i}" for i in range(NODES)] + ["global"]:
+        assert list((run_dir / "tb" / sub).glob("events.out.tfevents.*")), sub
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb" / "node0"))
+    acc.Reload()
+    assert "loss/train" in acc.Tags()["scalars"]
+    points = acc.Scalars("loss/train")
+    assert [p.step for p in points] == [1, 2, 3]
+    csv_loss = [r["train_loss"] for r in _rows(run_dir / "node0.csv")]
+    assert [p.value for p in points] == pytest.approx(csv_loss, rel=1e-6)
+    acc = EventAccumulator(str(run_dir / "tb" / "global"))
+    acc.Reload()
+    assert len(acc.Scalars("consensus/distance")) == EPOCHS
+
+    # the run is self-describing: its resolved config, its graph, its curves
+    cfg = load_config(["--config", str(run_dir / "config.toml")])
+    assert cfg.train.epochs == EPOCHS and cfg.algorithm.name == "dsgd" and cfg.model.name == "cnn"
+    assert cfg.run.dir == str(run_dir) and cfg.log.progress is False
+    assert (run_dir / "topology.json").is_file() and (run_dir / "curves.png").stat().st_size > 0
+
+    # a second launch into the same directory refuses, in one line, and touches nothing
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    proc = _launch([sys.executable, "train.py", "--config", "configs/quickstart.toml", "--train.epochs", "1",
+                    "--run.dir", str(run_dir), "--log.progress", "false"], timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: run directory") and "already exists" in lines[0], proc.stderr
+    assert "--run.resume" in lines[0]
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
