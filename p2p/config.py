@@ -279,6 +279,8 @@ def validate(cfg: Config) -> None:
         (a.optimizer == "sgd" or a.name in ("local", "allreduce"),
          f"--algorithm.optimizer adam is only for local and allreduce; {a.name} uses SGD for its local step"),
         (a.interval >= 1, "--algorithm.interval (K) must be >= 1"),
+        (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),  # K(d+1) - 2d <= 0 for every d >= 1
+         "--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty: use interval >= 2 or piw <= 1"),
         (a.eta > 0, "--algorithm.eta must be > 0"),
         (a.momentum >= 0, "--algorithm.momentum must be >= 0"),
         (a.l2_lambda >= 0, "--algorithm.l2_lambda must be >= 0"),

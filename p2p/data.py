@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-import torchvision.transforms as T
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
@@ -29,10 +27,11 @@ _IDX_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
 
-# name -> (torchvision class, mean, std) of the 1-channel 28x28 datasets.
+# name -> (torchvision class name, mean, std) of the 1-channel 28x28 datasets. torchvision itself is
+# imported only when one of its datasets is used: it costs seconds per rank that digits runs don't need.
 _MNIST_LIKE = {
-    "mnist": (torchvision.datasets.MNIST, 0.1307, 0.3081),
-    "fashionmnist": (torchvision.datasets.FashionMNIST, 0.2860, 0.3530),
+    "mnist": ("MNIST", 0.1307, 0.3081),
+    "fashionmnist": ("FashionMNIST", 0.2860, 0.3530),
 }
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -101,11 +100,14 @@ def _digits() -> tuple[Dataset, np.ndarray, Dataset]:
 
 def _mnist_like(cfg: DataConfig) -> tuple[Dataset, np.ndarray, Dataset]:
     """MNIST / Fashion-MNIST as normalised tensors, converted once: far faster than PIL per sample."""
-    cls, mean, std = _MNIST_LIKE[cfg.name]
+    import torchvision
+
+    name, mean, std = _MNIST_LIKE[cfg.name]
+    cls = getattr(torchvision.datasets, name)
     if cfg.name == "fashionmnist":
         _unpack_system_fashion_mnist(Path(cfg.root))
 
-    def tensors(ds: torchvision.datasets.MNIST) -> TensorDataset:
+    def tensors(ds: Dataset) -> TensorDataset:
         x = ((ds.data.float() / 255.0 - mean) / std).unsqueeze(1)  # (N, 1, 28, 28)
         return TensorDataset(x, ds.targets.long())
 
@@ -115,6 +117,9 @@ def _mnist_like(cfg: DataConfig) -> tuple[Dataset, np.ndarray, Dataset]:
 
 def _cifar10(cfg: DataConfig) -> tuple[Dataset, Dataset, np.ndarray, Dataset]:
     """CIFAR-10 through torchvision transforms; the validation copy is never augmented."""
+    import torchvision
+    import torchvision.transforms as T
+
     plain = T.Compose([T.ToTensor(), T.Normalize(_CIFAR_MEAN, _CIFAR_STD)])
     augmented = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
     train = _open(torchvision.datasets.CIFAR10, cfg, train=True, transform=augmented if cfg.augment else plain)

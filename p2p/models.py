@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from p2p.config import ConfigError, ModelConfig
 
@@ -64,6 +63,8 @@ def _resnet50(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> 
 
     def norm(c: int) -> nn.Module:
         return nn.GroupNorm(math.ceil(c / gc), c)
+
+    import torchvision  # here, not at the top: seconds per rank that the small models don't need
 
     model = torchvision.models.resnet50(num_classes=num_classes, norm_layer=norm)
     if in_shape[0] != 3:  # e.g. 1-channel digits/MNIST: same stem, other input width

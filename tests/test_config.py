@@ -173,3 +173,9 @@ def test_toml_values_must_already_have_the_field_type(tmp_path):
     path.write_text('[train]\nepochs = "3"\n')
     with pytest.raises(ConfigError, match=r"--train.epochs: expected int, got '3'"):
         load_config(["--config", str(path)])
+
+
+def test_isvr_with_piw_2_needs_an_interval_of_at_least_2():
+    with pytest.raises(ConfigError, match="negative ISVR penalty"):
+        load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2"])
+    assert load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2", "--algorithm.interval", "2"])
