@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -54,10 +55,11 @@ def _set_numpy_state(s: dict) -> None:
 
 
 class Checkpointer:
-    """Saves a node every `every` epochs (0 = never) and restores the network's newest common epoch."""
+    """Saves a node every `every` epochs and after epoch `last` (never when every = 0), and restores
+    the network's newest common epoch. Saving the last epoch lets `--run.resume` extend a finished run."""
 
-    def __init__(self, ckpt_dir: Path, rank: int, every: int):
-        self.dir, self.rank, self.every = ckpt_dir, rank, every
+    def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int):
+        self.dir, self.rank, self.every, self.last = ckpt_dir, rank, every, last
 
     def _path(self, epoch: int) -> Path:
         return self.dir / f"node{self.rank}_epoch{epoch}.pt"
@@ -65,15 +67,16 @@ class Checkpointer:
     def epochs(self) -> list[int]:
         """Epochs this node has complete checkpoints of, oldest first."""
         pattern = re.compile(rf"node{self.rank}_epoch(\d+)\.pt")
-        found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_epoch*.pt")] if self.dir.exists() else []
+        found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_epoch*.pt")]
         return sorted(int(m.group(1)) for m in found if m)
 
-    def maybe_save(self, epoch: int, node: Node, comm: Comm, step: int) -> None:
-        if self.every == 0 or epoch % self.every:
+    def maybe_save(self, node: Node, comm: Comm, progress: dict) -> None:
+        """Write `progress` ({"epoch", "step", "wall_s"}) and everything with state, if this epoch is due."""
+        epoch = progress["epoch"]
+        if self.every == 0 or (epoch % self.every and epoch != self.last):
             return
         state = {
-            "epoch": epoch,
-            "step": step,
+            "progress": progress,
             "model": node.model.state_dict(),
             "algorithm": node.algorithm.state_dict(),
             "bytes_sent": comm.bytes_sent,
@@ -92,19 +95,27 @@ class Checkpointer:
         for old in self.epochs()[:-KEEP]:
             self._path(old).unlink(missing_ok=True)
 
-    def resume(self, node: Node, comm: Comm) -> int:
-        """Load the newest epoch every node has checkpointed (agreed by a collective); 0 = start fresh."""
+    def resume(self, node: Node, comm: Comm) -> dict:
+        """Load the newest epoch every node has checkpointed (agreed by a collective).
+
+        Returns its progress ({"epoch", "step", "wall_s"}); epoch 0 when there is none (start fresh).
+        """
         mine = self.epochs()[-KEEP:]
         padded = mine + [0] * (KEEP - len(mine))
         everyone = [set(int(e) for e in row) for row in comm.all_gather_floats([float(e) for e in padded])]
         common = set.intersection(*everyone) - {0}
         if not common:
             log.info("resume: no checkpoint common to every node, starting from epoch 0")
-            return 0
-        epoch = max(common)
-        state = torch.load(self._path(epoch), map_location=comm.device, weights_only=True)
-        node.model.load_state_dict(state["model"])
-        node.algorithm.load_state_dict(state["algorithm"])
+            return {"epoch": 0, "step": 0, "wall_s": 0.0}
+        path = self._path(max(common))
+        try:  # fails when the file is unreadable or was written by another config (model, algorithm, world size)
+            state = torch.load(path, map_location=comm.device, weights_only=True)
+            node.model.load_state_dict(state["model"])
+            node.algorithm.load_state_dict(state["algorithm"])
+        except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint {path} does not fit this run ({reason}): resume with the run's own "
+                              f"config, {self.dir.parent / 'config.toml'}") from None
         comm.bytes_sent = state["bytes_sent"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -113,5 +124,6 @@ class Checkpointer:
         _set_numpy_state(rng["numpy"])
         random.setstate(rng["python"])
         node.loader.sampler.generator.set_state(rng["sampler"].cpu())
-        log.info("resumed from epoch %d (step %d)", epoch, state["step"])
-        return epoch
+        progress = state["progress"]
+        log.info("resumed from epoch %d (step %d)", progress["epoch"], progress["step"])
+        return progress

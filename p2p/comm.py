@@ -8,6 +8,7 @@ of peers can deadlock, and counts the bytes it sends.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -49,6 +50,20 @@ def read_env() -> Env:
     return Env(get("RANK", 0), world, get("LOCAL_RANK", 0), get("LOCAL_WORLD_SIZE", world))
 
 
+def check_restarts() -> None:
+    """Reject `torchrun --max-restarts` with a rendezvous store that outlives an attempt.
+
+    torchrun shares its store with the workers by default; its keys survive a restart, so a
+    restarted worker can read the previous attempt's addresses and never connect
+    (pytorch/pytorch#135712). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt its own store
+    with the c10d rendezvous (`--standalone` or `--rdzv-backend c10d`); the static one always shares.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError("torchrun --max-restarts needs a fresh rendezvous store per attempt: launch with "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --standalone or --rdzv-backend c10d")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,17 +99,22 @@ class Comm:
         self.timeout = timedelta(seconds=cfg.timeout_s)
         self.bytes_sent = 0  # payload bytes this node has sent, all exchanges together
         self.comm_s = 0.0  # wall time spent waiting on communication
+        self.failed = False  # a wait failed: the group may hold work that never completes
 
     def start(self) -> None:
         """Join the process group (NCCL or gloo) and check that every rank is there."""
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.set_device(self.device)
-        dist.init_process_group(self.backend, timeout=self.timeout, device_id=self.device if on_gpu else None)
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        with self._guard(f"joining the process group at {where}"):
+            dist.init_process_group(self.backend, timeout=self.timeout, device_id=self.device if on_gpu else None)
         self.barrier()
 
     def stop(self) -> None:
-        if dist.is_initialized():
+        """Leave the process group. After a failure it is left alone: destroying a group whose
+        work timed out blocks until that work ends, which may be never; the process exit frees it."""
+        if dist.is_initialized() and not self.failed:
             dist.destroy_process_group()
 
     def barrier(self) -> None:
@@ -108,12 +128,20 @@ class Comm:
         Each tensor is one flat contiguous buffer: one message per edge and direction.
         """
         start = time.perf_counter()
+        deadline = time.monotonic() + self.timeout.total_seconds()  # for the whole exchange, not per message
         ops = [dist.P2POp(dist.isend, t, peer) for peer, t in send.items()]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recv.items()]
-        with self._guard(f"exchange with neighbour(s) {sorted(set(send) | set(recv))}"):
-            if ops:
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait(self.timeout)
+        everyone = f"exchange with neighbour(s) {sorted(set(send) | set(recv))}"
+        if ops:
+            with self._guard(everyone):
+                works = dist.batch_isend_irecv(ops)
+            # gloo returns one work per message, so a failure names its peer; NCCL coalesces the batch
+            what = ([f"send to neighbour {p}" for p in send] + [f"receive from neighbour {p}" for p in recv]
+                    if len(works) == len(ops) else [everyone] * len(works))
+            for label, work in zip(what, works):
+                with self._guard(label):
+                    work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+        with self._guard(everyone):
             self._sync()
         self.bytes_sent += sum(t.numel() * t.element_size() for t in send.values())
         self.comm_s += time.perf_counter() - start
@@ -132,6 +160,21 @@ class Comm:
             self._sync()
             self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
             self.comm_s += time.perf_counter() - start
+        return t
+
+    def pair_groups(self, edges: list[tuple[int, int]]) -> dict[tuple[int, int], dist.ProcessGroup]:
+        """A 2-rank subgroup per edge. Every rank must call this, with the same edges in the same order."""
+        return {(i, j): dist.new_group([i, j]) for i, j in edges}
+
+    def pair_average_(self, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        """t ← (t_i + t_j)/2 over a 2-rank subgroup: gossip's alternative to one send/recv pair."""
+        start = time.perf_counter()
+        with self._guard(f"pair all-reduce with ranks {dist.get_process_group_ranks(group)}"):
+            dist.all_reduce(t, group=group)
+        t.div_(2)
+        self._sync()
+        self.bytes_sent += t.numel() * t.element_size()  # ring all-reduce of 2 ranks: |t| each way
+        self.comm_s += time.perf_counter() - start
         return t
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -154,8 +197,11 @@ class Comm:
         """Turn a backend error or timeout into one line naming the peers this node waited for."""
         try:
             yield
-        except RuntimeError as e:  # DistBackendError, gloo timeouts and closed connections all are
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        except RuntimeError as e:  # DistBackendError, DistStoreError, gloo timeouts and closed connections all are
+            self.failed = True
+            text = str(e).strip()
+            # gloo prefixes "[/path/to/gloo/.../pair.cc:561] ": the location is no use to a user
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])[:200] if text else type(e).__name__
             raise PeerFailure(f"node {self.rank}: {what} failed (timeout {self.timeout.total_seconds():.0f}s): "
                               f"{reason}; a peer died or hangs, restart with torchrun --max-restarts") from e
 

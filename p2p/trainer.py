@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from p2p import checkpoint, plots
 from p2p.algorithms import Algorithm, FlatParams, build_algorithm
-from p2p.comm import Comm, Env, read_env, resolve_device
+from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
 from p2p.config import Config, ConfigError, TrainConfig, to_toml
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.models import build_model
@@ -115,20 +114,21 @@ def run(cfg: Config) -> None:
     """Train one node until the configured epochs are done. Validates everything before any rank waits."""
     env = read_env()
     _setup_logging(cfg, env)
+    check_restarts()
     device, backend = resolve_device(cfg.run.device, cfg.comm.backend, env)
     topology = build_topology(cfg.topology, env.world_size) if env.world_size > 1 else Topology(1, ())
     if cfg.algorithm.mixing == "file" and topology.weights is None:
         raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, env.world_size, cfg.data)
+    comm = Comm(env, device, backend, cfg.comm)
+    torch.manual_seed(cfg.run.seed + env.rank)  # dropout etc.; the model has its own seed
+    node = build_node(cfg, comm, topology, splits, shards[env.rank])  # an algorithm may still reject the config
     out_dir = cfg.out_dir
     resume = checkpoint.check_run_dir(out_dir, cfg.run.resume)
 
-    comm = Comm(env, device, backend, cfg.comm)
-    comm.start()
+    comm.start()  # the first wait for other ranks: everything above fails alone, on every rank
     try:
-        torch.manual_seed(cfg.run.seed + env.rank)  # dropout etc.; the model has its own seed
-        node = build_node(cfg, comm, topology, splits, shards[env.rank])
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             (out_dir / "config.toml").write_text(to_toml(cfg))
@@ -140,9 +140,9 @@ def run(cfg: Config) -> None:
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
         for rank, h in enumerate(hist):
             log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
-        ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every)
-        start_epoch = ckpt.resume(node, comm) if resume else 0
-        train_loop(cfg, env, comm, node, ckpt, start_epoch)
+        ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs)
+        progress = ckpt.resume(node, comm) if resume else None
+        train_loop(cfg, env, comm, node, ckpt, progress)
         comm.barrier()
         if env.is_main and cfg.log.plots and cfg.log.csv:
             plots.plot_run(out_dir)
@@ -150,16 +150,19 @@ def run(cfg: Config) -> None:
         comm.stop()
 
 
-def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.Checkpointer, start_epoch: int) -> None:
+def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.Checkpointer,
+               progress: dict | None) -> None:
+    """Train from the start, or from `progress` ({"epoch", "step", "wall_s"}) of a resumed checkpoint."""
     tcfg, acfg = cfg.train, cfg.algorithm
-    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch if start_epoch else None)
+    start_epoch = progress["epoch"] if progress else 0
+    # a resumed run drops the rows after its checkpoint (all of them when it restarts from scratch)
+    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=None if progress is None else start_epoch)
     steps_per_epoch = len(node.loader)
     step = start_epoch * steps_per_epoch
-    sleep_rng = random.Random(cfg.run.seed + env.rank)
     slow = tcfg.sleep_factor > 0 and (not tcfg.slow_ranks or env.rank in tcfg.slow_ranks)
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - (progress["wall_s"] if progress else 0.0)  # wall_s continues across restarts
     for epoch in range(start_epoch + 1, tcfg.epochs + 1):
         # local steps, exchanging every K-th
         t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
@@ -196,11 +199,12 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                      max(accs), row["avg_test_acc"], row["consensus_dist"], time.perf_counter() - t_start)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
 
-        # straggler simulation (the seed's sleep_factor)
-        row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * sleep_rng.random()) if slow else 0.0
+        # straggler simulation (the seed's sleep_factor); U drawn per (seed, rank, epoch), so a resumed run repeats it
+        u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()
+        row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * u) if slow else 0.0
         time.sleep(row["sleep_s"])
         row["wall_s"] = time.perf_counter() - t_start
         metrics.log(row)
-        ckpt.maybe_save(epoch, node, comm, step)
+        ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"]})
     bar.close()
     metrics.close()
