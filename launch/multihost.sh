@@ -2,8 +2,13 @@
 # Several hosts: run this same command on every host (same RDZV_ENDPOINT and RDZV_ID).
 #   RDZV_ENDPOINT=10.0.0.1:29500 NNODES=2 NPROC=4 launch/multihost.sh --run.name big
 # Ranks are numbered host by host; the topology file needs NNODES*NPROC nodes.
+# --run.resume: torchrun's restart counter is per host, so a host restarted only because another
+# one failed may not know it is a restart; on a new run directory it simply starts at epoch 0.
 # torch.distributed has no authentication: keep RDZV_ENDPOINT on a trusted network.
 set -euo pipefail
+# Each torchrun restart needs a fresh rendezvous store, or restarted workers read the dead ones'
+# addresses (pytorch/pytorch#135712); train.py refuses --max-restarts without this.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-4}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:?set RDZV_ENDPOINT=HOST:PORT of one of the hosts}
@@ -13,4 +18,4 @@ CONFIG=${CONFIG:-configs/quickstart.toml}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
     --max-restarts "$MAX_RESTARTS" \
-    train.py --config "$CONFIG" "$@"
+    train.py --config "$CONFIG" --run.resume "$@"

@@ -91,7 +91,7 @@ class TrainConfig:
     step_size: int = 1000  # step scheduler: iterations between decays
     gamma: float = 0.9  # step scheduler: decay factor
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    checkpoint_every: int = 1  # checkpoint every N epochs; 0 = never
+    checkpoint_every: int = 1  # checkpoint every N epochs and after the last; 0 = never
     sleep_factor: float = 0.0  # straggler simulation: sleep epoch_time * (0.5 + 0.5 * factor * U[0,1))
     slow_ranks: list[int] = field(default_factory=list)  # ranks that sleep; empty = all (when sleep_factor > 0)
 
