@@ -80,7 +80,7 @@ CASES = [
     ("piw_value", 1, lambda t: ["--algorithm.piw", "3"],
      r"--algorithm.piw: unknown value 3.0; choose one of 0.5, 1.0, 2.0"),
     ("piw_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2"],
-     r"--algorithm.piw 2.0 with --algorithm.interval 1 gives a negative ISVR penalty"),
+     r"--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty"),
     ("dirichlet_alpha", 1, lambda t: ["--data.alpha", "0"], r"--data.alpha \(Dirichlet concentration\) must be > 0"),
     ("classes_per_node", 1, lambda t: ["--data.partition", "classes", "--data.classes_per_node", "11"],
      r"--data.classes_per_node 11 exceeds the 10 classes of the dataset"),
