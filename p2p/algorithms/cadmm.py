@@ -25,22 +25,25 @@ class CADMM(Algorithm):
         w, top = self.flat.w, self.topology
         v = self.flat.fan_in() if self.cfg.penalty_scale == "fan_in" else 1.0
         d_i = top.degree(self.rank) if top.n > 1 else 0
-        self.k = {j: self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
+        k = {j: self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
+        self.k = {j: torch.as_tensor(k[j], dtype=w.dtype, device=w.device) for j in self.neighbors}
+        self.k_sum = sum(self.k.values())
         self.alpha = torch.zeros_like(w)  # α_i
         self.w_j = {j: w.clone() for j in self.neighbors}  # last received neighbour weights
 
     def step(self, lr: float, exchange: bool) -> None:
-        w, g = self.flat.w, self.flat.g
-        c = {j: self.k[j] / lr for j in self.neighbors}  # c_ij
-        numer = w / lr - g - self.alpha
+        w, g, k = self.flat.w, self.flat.g, self.k
+        # w ← (w/γ − g − α + Σ_j c_ij (w + w_j)) / (1/γ + 2 Σ_j c_ij), numerator and denominator
+        # multiplied by γ (γ c_ij = k_ij): one temporary, in-place updates
+        numer = torch.add(g, self.alpha).mul_(-lr).add_(w)
         for j in self.neighbors:
-            numer += c[j] * (w + self.w_j[j])
-        w.copy_(numer / (1 / lr + 2 * sum(c.values())))
+            numer.addcmul_(k[j], w + self.w_j[j])
+        w.copy_(numer.div_(1 + 2 * self.k_sum))
         if not exchange:
             return
         self.comm.exchange({j: w for j in self.neighbors}, self.w_j)
         for j in self.neighbors:
-            self.alpha += c[j] * (w - self.w_j[j])
+            self.alpha.addcmul_(k[j] / lr, w - self.w_j[j])  # α += c_ij (w − w_j)
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha, "w_j": self.w_j}

@@ -61,17 +61,21 @@ class PrimalDual(Algorithm):
                 log.warning("use_gcoef on an irregular graph: the fixed point solves Σ_i c_g,i ∇f_i = 0, "
                             "not the true optimum")
         self.A = {j: float(top.edge_sign(self.rank, j)) for j in self.neighbors}
+        # k_ij A_{i|j} as tensors (0-dim for a scalar penalty) so the step is in-place addcmul_s
+        self.kA = {j: torch.as_tensor(self.k[j] * self.A[j], dtype=w.dtype, device=w.device) for j in self.neighbors}
+        self.k_sum = sum(self.k.values())  # Σ_j k_ij
         self.z = {j: torch.zeros_like(w) for j in self.neighbors}  # z_{i|j}
         self.y = {j: torch.empty_like(w) for j in self.neighbors}  # y_{i|j}, sent
         self.y_in = {j: torch.empty_like(w) for j in self.neighbors}  # y_{j|i}, received
 
     def step(self, lr: float, exchange: bool) -> None:
         w, g, A, z = self.flat.w, self.flat.g, self.A, self.z
-        c = {j: self.k[j] / lr for j in self.neighbors}  # c_ij
-        numer = w / lr - self.c_g * g
+        # w ← (w/γ − c_g g + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ + Σ_j c_ij), numerator and denominator
+        # multiplied by γ (γ c_ij = k_ij): one temporary, in-place updates, whatever the degree
+        numer = torch.add(w, g, alpha=-lr * self.c_g)
         for j in self.neighbors:
-            numer += c[j] * A[j] * z[j]
-        w.copy_(numer / (1 / lr + sum(c.values())))
+            numer.addcmul_(self.kA[j], z[j])
+        w.copy_(numer.div_(1 + self.k_sum))
         if not exchange:
             return
         for j in self.neighbors:
