@@ -1,16 +1,22 @@
 """Start one node of a decentralized training run.
 
     torchrun --standalone --nproc_per_node 4 train.py --config configs/quickstart.toml [--section.field value ...]
+
+Every config field can be overridden as --section.field value; --help lists them with their defaults.
 """
 
 import sys
 
 from p2p.comm import PeerFailure
-from p2p.config import ConfigError, load_config
+from p2p.config import Config, ConfigError, load_config, to_toml
 from p2p.trainer import NonFiniteLoss, run
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip(), "\nThe fields and their defaults (README: Configuration reference):\n", sep="\n")
+        print(to_toml(Config()))
+        return 0
     try:
         run(load_config(argv))
     except ConfigError as e:  # a user mistake: nothing was started or written

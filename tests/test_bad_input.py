@@ -207,3 +207,12 @@ def test_torchrun_reports_a_bad_topology_quickly(tmp_path):
     assert "error: topology topologies/ring4.json has 4 nodes but the world size is 2" in proc.stderr
     assert time.monotonic() - start < 300
     assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_every_section_and_exits_0(capsys):
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "torchrun --standalone" in out
+    for section in ("[run]", "[data]", "[model]", "[topology]", "[algorithm]", "[train]", "[comm]", "[log]"):
+        assert section in out
+    assert 'name = "dsgd"' in out  # the defaults, as TOML
