@@ -44,6 +44,7 @@ class DataConfig:
     batch_size: int = 32  # minibatch size per node
     data_seed: int = 0  # seed of the split and partition (identical on every node)
     augment: bool = True  # random crop + flip for cifar10
+    workers: int = 0  # DataLoader worker processes for training batches (cifar10 on GPUs: 4-8)
 
 
 @dataclass
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> None:
         (not (a.nesterov and (a.momentum <= 0 or a.dampening != 0)),
          "--algorithm.nesterov needs --algorithm.momentum > 0 and --algorithm.dampening 0"),
         (d.batch_size > 0, "--data.batch_size must be > 0"),
+        (d.workers >= 0, "--data.workers must be >= 0"),
         (d.alpha > 0, "--data.alpha (Dirichlet concentration) must be > 0"),
         (d.classes_per_node >= 1, "--data.classes_per_node must be >= 1"),
         (0 <= d.val_fraction < 1, "--data.val_fraction must be in [0, 1)"),

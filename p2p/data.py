@@ -261,7 +261,9 @@ def node_loader(splits: Splits, indices: np.ndarray, cfg: DataConfig, seed: int,
         num_samples=steps * cfg.batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    return DataLoader(shard, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    # workers only decode/augment; the sampler (and its checkpointed generator) stays in this process
+    return DataLoader(shard, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 1000) -> DataLoader:
