@@ -17,7 +17,9 @@ PANELS = [("train_loss", "train loss"), ("test_loss", "test loss"), ("test_acc",
 def _read(path: Path) -> dict[str, list[float]]:
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    return {key: [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows] for key in rows[0]} if rows else {}
+    if not rows:
+        return {}
+    return {key: [float(r[key]) if r[key] not in ("", None) else float("nan") for r in rows] for key in rows[0]}
 
 
 def plot_run(run_dir: Path) -> Path:
