@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from p2p.comm import Comm
-from p2p.config import ConfigError
+from p2p.config import ConfigError, one_line
 
 if TYPE_CHECKING:
     from p2p.trainer import Node
@@ -113,8 +113,7 @@ class Checkpointer:
             node.model.load_state_dict(state["model"])
             node.algorithm.load_state_dict(state["algorithm"])
         except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint {path} does not fit this run ({reason}): resume with the run's own "
+            raise ConfigError(f"checkpoint {path} does not fit this run ({one_line(e)}): resume with the run's own "
                               f"config, {self.dir.parent / 'config.toml'}") from None
         comm.bytes_sent = state["bytes_sent"]
         rng = state["rng"]

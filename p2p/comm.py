@@ -8,7 +8,6 @@ of peers can deadlock, and counts the bytes it sends.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from p2p.config import CommConfig, ConfigError
+from p2p.config import CommConfig, ConfigError, one_line
 
 
 class PeerFailure(RuntimeError):
@@ -199,11 +198,8 @@ class Comm:
             yield
         except RuntimeError as e:  # DistBackendError, DistStoreError, gloo timeouts and closed connections all are
             self.failed = True
-            text = str(e).strip()
-            # gloo prefixes "[/path/to/gloo/.../pair.cc:561] ": the location is no use to a user
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])[:200] if text else type(e).__name__
             raise PeerFailure(f"node {self.rank}: {what} failed (timeout {self.timeout.total_seconds():.0f}s): "
-                              f"{reason}; a peer died or hangs, restart with torchrun --max-restarts") from e
+                              f"{one_line(e)}; a peer died or hangs, restart with torchrun --max-restarts") from e
 
     def _sync(self) -> None:
         # NCCL work completes on a stream; wait for it so comm_s measures the transfer.

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,13 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A user mistake: printed as one line by train.py, never as a traceback."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception from deep inside torch as a short reason for a one-line message: its first line,
+    without gloo's "[/path/to/pair.cc:561] " location prefix, at most 200 characters."""
+    text = str(error).strip()
+    return re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])[:200] if text else type(error).__name__
 
 
 @dataclass

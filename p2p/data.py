@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
-from p2p.config import ConfigError, DataConfig
+from p2p.config import ConfigError, DataConfig, one_line
 
 # Debian's `dataset-fashion-mnist` package installs the four idx .gz files here (`dpkg -L` shows it).
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -50,8 +50,7 @@ def _missing(cfg: DataConfig, error: Exception) -> ConfigError:
     """The one-line message for a dataset torchvision could not open (or download)."""
     title = {"mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}[cfg.name]
     if cfg.download:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return ConfigError(f"{title} could not be downloaded into {cfg.root}/ ({reason}): fetch it by hand")
+        return ConfigError(f"{title} could not be downloaded into {cfg.root}/ ({one_line(error)}): fetch it by hand")
     how = {
         "mnist": f"put the four idx files in {cfg.root}/MNIST/raw/",
         "fashionmnist": "run `apt-get install dataset-fashion-mnist`",
