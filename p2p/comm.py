@@ -7,6 +7,7 @@ of peers can deadlock, and counts the bytes it sends.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -190,6 +191,45 @@ class Comm:
         with self._guard("all-gather over all ranks"):
             dist.all_gather(out, t)
         return [o.tolist() for o in out]
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, by rank: the lengths, then one uint8 tensor per rank padded to the longest.
+
+        Plain bytes, never pickles: torch's object collectives would unpickle whatever a peer sends.
+        """
+        sizes = [int(s[0]) for s in self.all_gather_floats([float(len(data))])]
+        t = torch.zeros(max(sizes + [1]), dtype=torch.uint8)
+        t[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        t = t.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        with self._guard("all-gather over all ranks"):
+            dist.all_gather(out, t)
+        return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, sizes)]
+
+    def agree(self, error: str) -> None:
+        """ConfigError on every rank when any rank has an `error` (the lowest rank's), so that a mistake one
+        rank sees stops them all here, instead of leaving the others waiting at their next collective."""
+        first = next((e for e in self.all_gather_bytes(error.encode()) if e), b"")
+        if first:
+            raise ConfigError(first.decode())
+
+    def check_same(self, lines: list[str]) -> None:
+        """Stop every rank with one line unless all ranks hold the same `lines` ("key = value").
+
+        A 32-byte digest travels first; only when they differ does every rank send its lines, so that the
+        message can name the first differing key and both values.
+        """
+        text = "\n".join(lines).encode()
+        digests = self.all_gather_bytes(hashlib.sha256(text).digest())
+        if len(set(digests)) == 1:
+            return
+        other = next(r for r, d in enumerate(digests) if d != digests[0])
+        texts = self.all_gather_bytes(text)
+        ours, theirs = (dict(ln.split(" = ", 1) for ln in texts[r].decode().splitlines()) for r in (0, other))
+        key = next(k for k in [*ours, *theirs] if ours.get(k) != theirs.get(k))
+        raise ConfigError(f"nodes were launched with different configs: {key} is {ours.get(key, '(absent)')} on node 0 "
+                          f"but {theirs.get(key, '(absent)')} on node {other}; launch every host with the same "
+                          f"command and files")
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import re
@@ -15,7 +16,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from p2p.topology import Topology
 
 
 class ConfigError(ValueError):
@@ -332,3 +336,22 @@ def to_toml(cfg: Config) -> str:
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+# Fields that may differ between hosts of one run: where the datasets are, how many CPUs load them.
+HOST_FIELDS = ("data.root", "data.download", "data.workers")
+
+
+def config_lines(cfg: Config, topology: Topology) -> list[str]:
+    """`section.key = value` for every field all ranks must share, and the graph itself, for comparing ranks.
+
+    The graph line hashes the topology actually built, so two hosts whose files share a path but not the
+    content differ, and two files that spell the same graph differently do not.
+    """
+    lines = []
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            if f"{section.name}.{key}" not in HOST_FIELDS:
+                lines.append(f"{section.name}.{key} = {_toml_value(value)}")
+    digest = hashlib.sha256(topology.dumps().encode()).hexdigest()[:12]
+    return lines + [f"topology graph = {topology.n} nodes, {len(topology.edges)} edges, sha256 {digest}"]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from p2p import checkpoint, plots
 from p2p.algorithms import Algorithm, FlatParams, build_algorithm
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
-from p2p.config import Config, ConfigError, TrainConfig, to_toml
+from p2p.config import Config, ConfigError, TrainConfig, config_lines, to_toml
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.models import build_model
 from p2p.metrics import Metrics
@@ -129,6 +129,7 @@ def run(cfg: Config) -> None:
 
     comm.start()  # the first wait for other ranks: everything above fails alone, on every rank
     try:
+        comm.check_same(config_lines(cfg, topology))  # every rank runs the same config, or nobody starts
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             (out_dir / "config.toml").write_text(to_toml(cfg))
