@@ -1,18 +1,32 @@
-"""Checkpoints: everything a node needs to continue exactly, written atomically, resumed together.
+"""Checkpoints, and the rule that decides whether a launch continues a run or starts one.
 
 Each node writes `ckpt/node<rank>_epoch<E>.pt` and keeps its two newest: a node can be one
 checkpoint ahead of a peer that died while writing, and the network resumes from the newest epoch
-that *every* node has complete. Files are written to a temporary name and `os.replace`d, so a
+that *every* node can read. Files are written to a temporary name, fsynced and `os.replace`d, so a
 crash never leaves a half-written checkpoint under a real name, and loaded with weights_only=True.
+
+A launch only ever *continues* a run from a checkpoint every node has, or *starts* in a directory
+that holds no results (CSV rows, checkpoints); see `decide`. A torchrun restart is recognised by
+the `started_by` file, not by TORCHELASTIC_RESTART_COUNT: once every check has passed and training
+is about to begin, each host writes the identities of the job's torchrun agents there (host, agent
+pid and start time, rdzv id). An attempt whose agents are all listed is a restart of the job that
+wrote the file, and may continue (or, with no common checkpoint, redo) its own run. Anything else in
+the directory belongs to another launch: someone else's results, or an attempt of this job that
+stopped before training (its restarts then fail the same way, instead of training over them). The
+counter could not tell these apart, and it is per host.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import random
 import re
+import socket
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,28 +34,36 @@ import numpy as np
 import torch
 
 from p2p.comm import Comm
-from p2p.config import ConfigError, one_line
+from p2p.config import Config, ConfigError, one_line
+from p2p.metrics import logged_epochs
 
 if TYPE_CHECKING:
     from p2p.trainer import Node
 
 log = logging.getLogger("p2p")
 KEEP = 2
+MARKER = "started_by"
+# What a resumed run may not change: the saved state, step count and data order only mean something with them.
+FIXED = ("data.name", "data.partition", "data.alpha", "data.classes_per_node", "data.class_shift", "data.val_fraction",
+         "data.data_seed", "data.batch_size", "data.samples_per_epoch", "algorithm.name", "algorithm.interval",
+         "model.name")
 
 
-def is_restart() -> bool:
-    """True when torchrun restarted the workers after a failure (`--max-restarts`)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def fixed_fields(cfg: Config, world_size: int) -> dict[str, object]:
+    """The values of FIXED and the world size, recorded in every checkpoint and compared on resume."""
+    fields: dict[str, object] = {"world size": world_size}
+    for flag in FIXED:
+        section, key = flag.split(".")
+        fields[f"--{flag}"] = getattr(getattr(cfg, section), key)
+    return fields
 
 
-def check_run_dir(out_dir: Path, resume: bool) -> bool:
-    """Whether this launch continues `out_dir`. Never silently overwrites an existing run."""
-    if resume or is_restart():
-        return True
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"run directory {out_dir} already exists: continue it with --run.resume "
-                          f"or start a new run with --run.name NAME")
-    return False
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _numpy_state() -> dict:
@@ -56,16 +78,17 @@ def _set_numpy_state(s: dict) -> None:
 
 class Checkpointer:
     """Saves a node every `every` epochs and after epoch `last` (never when every = 0), and restores
-    the network's newest common epoch. Saving the last epoch lets `--run.resume` extend a finished run."""
+    it from a checkpoint. Saving the last epoch lets `--run.resume` extend a finished run."""
 
-    def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int):
+    def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int, fixed: dict[str, object] | None = None):
         self.dir, self.rank, self.every, self.last = ckpt_dir, rank, every, last
+        self.fixed = fixed or {}  # fixed_fields(): recorded in every checkpoint, compared when loading
 
     def _path(self, epoch: int) -> Path:
         return self.dir / f"node{self.rank}_epoch{epoch}.pt"
 
     def epochs(self) -> list[int]:
-        """Epochs this node has complete checkpoints of, oldest first."""
+        """Epochs this node has checkpoint files of, oldest first."""
         pattern = re.compile(rf"node{self.rank}_epoch(\d+)\.pt")
         found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_epoch*.pt")]
         return sorted(int(m.group(1)) for m in found if m)
@@ -77,6 +100,7 @@ class Checkpointer:
             return
         state = {
             "progress": progress,
+            "fixed": self.fixed,
             "model": node.model.state_dict(),
             "algorithm": node.algorithm.state_dict(),
             "bytes_sent": comm.bytes_sent,
@@ -90,31 +114,43 @@ class Checkpointer:
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._path(epoch).with_suffix(".tmp")
-        torch.save(state, tmp)
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before a name points at them
         os.replace(tmp, self._path(epoch))  # atomic: the old checkpoints stay until this one exists
+        _fsync_dir(self.dir)  # and so is the rename, before an older checkpoint goes
         for old in self.epochs()[:-KEEP]:
             self._path(old).unlink(missing_ok=True)
 
-    def resume(self, node: Node, comm: Comm) -> dict:
-        """Load the newest epoch every node has checkpointed (agreed by a collective).
+    def readable(self, device: torch.device) -> dict[int, dict]:
+        """This node's newest checkpoints that load, by epoch. One that does not (truncated, corrupt) is
+        skipped with a warning, so the network falls back to an older epoch that every node can read."""
+        states = {}
+        for epoch in self.epochs()[-KEEP:]:
+            try:
+                states[epoch] = torch.load(self._path(epoch), map_location=device, weights_only=True)
+            except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
+                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), one_line(e))
+        return states
 
-        Returns its progress ({"epoch", "step", "wall_s"}); epoch 0 when there is none (start fresh).
+    def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
+        """Restore `node` and `comm` from this node's checkpoint of `epoch`, read by `readable`.
+
+        Returns its progress ({"epoch", "step", "wall_s"}); ConfigError when it belongs to another setting.
         """
-        mine = self.epochs()[-KEEP:]
-        padded = mine + [0] * (KEEP - len(mine))
-        everyone = [set(int(e) for e in row) for row in comm.all_gather_floats([float(e) for e in padded])]
-        common = set.intersection(*everyone) - {0}
-        if not common:
-            log.info("resume: no checkpoint common to every node, starting from epoch 0")
-            return {"epoch": 0, "step": 0, "wall_s": 0.0}
-        path = self._path(max(common))
-        try:  # fails when the file is unreadable or was written by another config (model, algorithm, world size)
-            state = torch.load(path, map_location=comm.device, weights_only=True)
+        path, own_config = self._path(epoch), self.dir.parent / "config.toml"
+        for key, now in self.fixed.items():
+            then = state.get("fixed", {}).get(key, now)  # checkpoints from before this check record nothing
+            if then != now:
+                raise ConfigError(f"checkpoint {path} was written with {key} {then}, this launch has {now}: a resumed "
+                                  f"run cannot change it; resume with the run's own config, {own_config}")
+        try:  # fails when written by another model or algorithm setting (e.g. --model.hidden)
             node.model.load_state_dict(state["model"])
             node.algorithm.load_state_dict(state["algorithm"])
-        except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"checkpoint {path} does not fit this run ({one_line(e)}): resume with the run's own "
-                              f"config, {self.dir.parent / 'config.toml'}") from None
+                              f"config, {own_config}") from None
         comm.bytes_sent = state["bytes_sent"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -123,6 +159,103 @@ class Checkpointer:
         _set_numpy_state(rng["numpy"])
         random.setstate(rng["python"])
         node.loader.sampler.generator.set_state(rng["sampler"].cpu())
-        progress = state["progress"]
+        return state["progress"]
+
+
+def _agent() -> str:
+    """This worker's torchrun agent: the same in every attempt of one torchrun job, different in any other
+    launch (a pid can be reused, not together with its start time). Outside torchrun: unique."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return uuid.uuid4().hex
+    ppid = os.getppid()
+    try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot
+        started = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()} pid {ppid} started {started} rdzv {os.environ['TORCHELASTIC_RUN_ID']}"
+
+
+@dataclass
+class Facts:
+    """What one node sees of the run directory; gathered from every node before anything is decided."""
+
+    nonempty: bool  # the directory exists and holds anything
+    ours: bool  # `started_by` lists this node's agent: an earlier attempt of this job began training here
+    agent: str  # this node's agent (_agent)
+    logged: list[int]  # epochs in node<rank>.csv
+    saved: list[int]  # epochs of this node's checkpoint files
+    readable: list[int]  # those of them that load
+
+
+def _epochs(epochs: list[int]) -> str:
+    """[] -> "none", [2] -> "2", [1, 2, 3] -> "1-3", [2, 5] -> "[2, 5]"."""
+    if len(epochs) <= 1:
+        return str(epochs[0]) if epochs else "none"
+    return f"{epochs[0]}-{epochs[-1]}" if epochs == list(range(epochs[0], epochs[-1] + 1)) else str(epochs)
+
+
+def _who_has(facts: list[Facts]) -> str:
+    """Which nodes have which epochs, nodes with the same ones grouped: `nodes 0-2: logged 1-3, checkpoints none`."""
+    groups: dict[str, list[int]] = {}
+    for rank, f in enumerate(facts):
+        unreadable = sorted(set(f.saved) - set(f.readable))
+        what = f"logged {_epochs(f.logged)}, checkpoints {_epochs(f.readable)}"
+        groups.setdefault(what + (f", unreadable {_epochs(unreadable)}" if unreadable else ""), []).append(rank)
+    return "; ".join(f"node{'s' if len(r) > 1 else ''} {_epochs(r)}: {what}" for what, r in groups.items())
+
+
+def decide(facts: list[Facts], resume: bool, out_dir: Path) -> int | None:
+    """The epoch to continue from, None to start at epoch 0, or ConfigError when neither is safe.
+
+    Without --run.resume, and unless this is a restart of the job that began the run (`ours` on every
+    node), the directory must be missing or empty. Otherwise continue from the newest checkpoint every
+    node can read; with none, start at epoch 0 only where nothing would be lost (no CSV rows, no
+    checkpoint files) or where it is this job's own; else stop, saying which node has which epochs.
+    Pure, and every rank calls it with the same gathered facts, so every rank decides the same.
+    """
+    ours = all(f.ours for f in facts)
+    if not (resume or ours):
+        if any(f.nonempty for f in facts):
+            raise ConfigError(f"run directory {out_dir} already exists: continue it with --run.resume or start a "
+                              f"new run with --run.name NAME")
+        return None
+    common = set.intersection(*(set(f.readable) for f in facts))
+    if common:
+        return max(common)
+    if ours or not any(f.logged or f.saved for f in facts):
+        return None  # an empty directory, or our own earlier attempt that never checkpointed
+    raise ConfigError(f"run directory {out_dir} holds results but no checkpoint that every node can resume from "
+                      f"({_who_has(facts)}): nothing was changed; start a new run with --run.name NAME")
+
+
+def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointer) -> dict | None:
+    """Continue the run in `out_dir` or start it, decided on every rank together, and mark it begun.
+
+    Returns the progress ({"epoch", "step", "wall_s"}) of the checkpoint it continues from, None when
+    it starts at epoch 0. Call right after joining the process group, before writing anything.
+    """
+    marker = out_dir / MARKER
+    agent = _agent()
+    states = ckpt.readable(comm.device)
+    mine = Facts(nonempty=out_dir.is_dir() and any(out_dir.iterdir()),
+                 ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
+                 logged=logged_epochs(out_dir, comm.rank), saved=ckpt.epochs(), readable=sorted(states))
+    facts = [Facts(**json.loads(b)) for b in comm.all_gather_bytes(json.dumps(asdict(mine)).encode())]
+    epoch = decide(facts, resume, out_dir)
+    progress, error = None, ""
+    if epoch is not None:
+        try:
+            progress = ckpt.load(epoch, states[epoch], node, comm)
+        except ConfigError as e:
+            error = str(e)
+    comm.agree(error)  # one node's unfit checkpoint stops them all here, not at the next collective
+    if comm.env.local_rank == 0:  # one writer per host: the directory may be shared, or one per host
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{MARKER}.{comm.rank}.tmp"
+        tmp.write_text("".join(f"{a}\n" for a in sorted({f.agent for f in facts})))
+        os.replace(tmp, marker)
+    if progress is None:
+        log.info("starting at epoch 0")
+    else:
         log.info("resumed from epoch %d (step %d)", progress["epoch"], progress["step"])
-        return progress
+    return progress

@@ -39,7 +39,7 @@ class RunConfig:
     dir: str = ""  # output directory; empty = runs/<name>
     seed: int = 0  # minibatch seed; node i draws with seed + i
     device: str = "auto"  # auto | cpu | cuda
-    resume: bool = False  # continue the run in `dir` from its newest complete checkpoint
+    resume: bool = False  # continue the run in `dir` from the newest checkpoint every node has (none: start)
 
 
 @dataclass

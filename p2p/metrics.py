@@ -27,6 +27,15 @@ GLOBAL_TAGS = {
 }
 
 
+def logged_epochs(out_dir: Path, rank: int) -> list[int]:
+    """The epochs node<rank>.csv holds: results, which no launch may overwrite without continuing them."""
+    path = out_dir / f"node{rank}.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return sorted({int(r["epoch"]) for r in csv.DictReader(f) if (r.get("epoch") or "").isdigit()})
+
+
 class CSVLogger:
     """node<rank>.csv. On resume, rows after the resumed epoch are dropped so each epoch appears once."""
 

@@ -125,11 +125,14 @@ def run(cfg: Config) -> None:
     torch.manual_seed(cfg.run.seed + env.rank)  # dropout etc.; the model has its own seed
     node = build_node(cfg, comm, topology, splits, shards[env.rank])  # an algorithm may still reject the config
     out_dir = cfg.out_dir
-    resume = checkpoint.check_run_dir(out_dir, cfg.run.resume)
 
     comm.start()  # the first wait for other ranks: everything above fails alone, on every rank
     try:
-        comm.check_same(config_lines(cfg, topology))  # every rank runs the same config, or nobody starts
+        # the same config on every rank, then continue the run or start one: decided together, before any write
+        comm.check_same(config_lines(cfg, topology))
+        ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs,
+                                       checkpoint.fixed_fields(cfg, env.world_size))
+        progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             (out_dir / "config.toml").write_text(to_toml(cfg))
@@ -141,8 +144,6 @@ def run(cfg: Config) -> None:
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
         for rank, h in enumerate(hist):
             log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
-        ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs)
-        progress = ckpt.resume(node, comm) if resume else None
         train_loop(cfg, env, comm, node, ckpt, progress)
         comm.barrier()
         if env.is_main and cfg.log.plots and cfg.log.csv:
@@ -155,11 +156,10 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                progress: dict | None) -> None:
     """Train from the start, or from `progress` ({"epoch", "step", "wall_s"}) of a resumed checkpoint."""
     tcfg, acfg = cfg.train, cfg.algorithm
-    start_epoch = progress["epoch"] if progress else 0
-    # a resumed run drops the rows after its checkpoint (all of them when it restarts from scratch)
-    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=None if progress is None else start_epoch)
+    start_epoch, step = (progress["epoch"], progress["step"]) if progress else (0, 0)
+    # drop the rows after the checkpoint (all of them when this job starts its own run over)
+    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch)
     steps_per_epoch = len(node.loader)
-    step = start_epoch * steps_per_epoch
     slow = tcfg.sleep_factor > 0 and (not tcfg.slow_ranks or env.rank in tcfg.slow_ranks)
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)

@@ -107,8 +107,6 @@ CASES = [
      r"CIFAR-10 not found under .*data/: put cifar-10-batches-py there or pass --data.download true"),
     ("cuda_absent", 1, lambda t: ["--run.device", "cuda"],
      r"--run.device cuda was asked for but CUDA is not available: use --run.device cpu"),
-    ("run_dir_exists", 1, lambda t: [],
-     r"run directory .*old_run already exists: continue it with --run.resume or start a new run with --run.name NAME"),
 ]
 
 

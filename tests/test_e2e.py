@@ -85,7 +85,7 @@ def test_quickstart_under_torchrun(tmp_path):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
     proc = _launch([sys.executable, "train.py", "--config", "configs/quickstart.toml", "--train.epochs", "1",
                     "--run.dir", str(run_dir), "--log.progress", "false"], timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: run directory") and "already exists" in lines[0], proc.stderr
     assert "--run.resume" in lines[0]

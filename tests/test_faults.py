@@ -22,7 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from p2p.checkpoint import Checkpointer
+from p2p.checkpoint import Checkpointer, Facts, decide
 from p2p.comm import free_port
 from p2p.config import ConfigError, LogConfig
 from p2p.metrics import Metrics
@@ -126,30 +126,81 @@ def _fake_node(value: float):
 
 
 def test_checkpoints_keep_two_and_resume_the_newest_common_epoch(tmp_path):
-    """Node 0 wrote epochs 1-4, node 1 died while writing 4: both resume from 3, node 0 with its epoch-3 weights."""
+    """Node 0 wrote epochs 1-4, node 1 died while writing 4: both resume from 3, node 0 with its epoch-3 state."""
     comm = SimpleNamespace(device=torch.device("cpu"), bytes_sent=0)
     ckpts = [Checkpointer(tmp_path, rank, every=1, last=10) for rank in range(2)]
     for rank, last in ((0, 4), (1, 3)):
         for epoch in range(1, last + 1):
-            ckpts[rank].maybe_save(_fake_node(epoch), comm, {"epoch": epoch, "step": 10 * epoch, "wall_s": 1.0})
+            ckpts[rank].maybe_save(_fake_node(epoch), comm, {"epoch": epoch, "step": 7 * epoch, "wall_s": 1.0})
     assert ckpts[0].epochs() == [3, 4] and ckpts[1].epochs() == [2, 3]
-    comm.all_gather_floats = lambda mine: [[3.0, 4.0], [2.0, 3.0]]  # what every node reports
+    states = [c.readable(comm.device) for c in ckpts]
+    epoch = decide([facts(readable=sorted(s)) for s in states], resume=True, out_dir=tmp_path)
+    assert epoch == 3
     node = _fake_node(0.0)
-    assert ckpts[0].resume(node, comm) == {"epoch": 3, "step": 30, "wall_s": 1.0}
+    assert ckpts[0].load(3, states[0][3], node, comm) == {"epoch": 3, "step": 21, "wall_s": 1.0}  # its own step
     assert torch.equal(node.model.weight, torch.full((2, 2), 3.0))
-    comm.all_gather_floats = lambda mine: [[3.0, 4.0], [1.0, 2.0]]
-    assert ckpts[0].resume(_fake_node(0.0), comm)["epoch"] == 0  # nothing in common: start over
 
 
-def test_checkpoint_of_another_config_is_a_config_error(tmp_path):
-    comm = SimpleNamespace(device=torch.device("cpu"), bytes_sent=0, all_gather_floats=lambda mine: [[1.0, 0.0]])
-    ckpt = Checkpointer(tmp_path, 0, every=1, last=1)
-    ckpt.maybe_save(_fake_node(1.0), comm, {"epoch": 1, "step": 1, "wall_s": 0.0})
-    other = _fake_node(0.0)
-    other.model = nn.Linear(3, 3)  # e.g. resumed with another --model.hidden
-    with pytest.raises(ConfigError, match=r"checkpoint .*node0_epoch1.pt does not fit this run \(.*\): resume with "
-                                          r"the run's own config, .*config.toml"):
-        ckpt.resume(other, comm)
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
+    comm = SimpleNamespace(device=torch.device("cpu"), bytes_sent=0)
+    ckpt = Checkpointer(tmp_path, 0, every=1, last=10)
+    for epoch in (1, 2, 3):
+        ckpt.maybe_save(_fake_node(epoch), comm, {"epoch": epoch, "step": epoch, "wall_s": 0.0})
+    newest = tmp_path / "node0_epoch3.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash or a full disk mid-write, on a copy say
+    assert sorted(ckpt.readable(comm.device)) == [2]
+    assert decide([facts(readable=[2], saved=[2, 3]), facts(readable=[2, 3])], True, tmp_path) == 2
+
+
+def test_a_checkpoint_of_another_setting_is_a_config_error(tmp_path):
+    comm = SimpleNamespace(device=torch.device("cpu"), bytes_sent=0)
+    fixed = {"world size": 4, "--data.batch_size": 32}
+    Checkpointer(tmp_path, 0, every=1, last=1, fixed=fixed).maybe_save(
+        _fake_node(1.0), comm, {"epoch": 1, "step": 1, "wall_s": 0.0})
+    for fixed_now, message in (
+            ({**fixed, "--data.batch_size": 16}, r"checkpoint .*node0_epoch1.pt was written with --data.batch_size 32, "
+                                                 r"this launch has 16: a resumed run cannot change it; resume with "
+                                                 r"the run's own config, .*config.toml"),
+            ({**fixed, "world size": 8}, r"was written with world size 4, this launch has 8"),
+            (fixed, r"checkpoint .*node0_epoch1.pt does not fit this run \(.*\): resume with the run's own config")):
+        ckpt = Checkpointer(tmp_path, 0, every=1, last=1, fixed=fixed_now)
+        other = _fake_node(0.0)
+        other.model = nn.Linear(3, 3)  # e.g. resumed with another --model.hidden
+        with pytest.raises(ConfigError, match=message):
+            ckpt.load(1, ckpt.readable(comm.device)[1], other, comm)
+
+
+def facts(nonempty: bool = True, ours: bool = False, logged: list[int] = (), saved: list[int] | None = None,
+          readable: list[int] = ()) -> Facts:
+    return Facts(nonempty, ours, "agent", list(logged), list(readable) if saved is None else saved, list(readable))
+
+
+EMPTY = facts(nonempty=False)
+RESULTS = facts(logged=[1, 2, 3])  # e.g. train.checkpoint_every = 0
+
+
+@pytest.mark.parametrize("nodes,resume,expected", [
+    ([EMPTY, EMPTY], False, None),  # a new run
+    ([EMPTY, EMPTY], True, None),  # --run.resume on nothing: start
+    ([facts(), facts()], True, None),  # only config.toml and the like: no results
+    ([facts(readable=[2, 3]), facts(readable=[3, 4])], True, 3),
+    ([facts(ours=True, readable=[2]), facts(ours=True, readable=[2])], False, 2),  # a torchrun restart
+    ([facts(ours=True, logged=[1]), facts(ours=True)], False, None),  # our own attempt died before a checkpoint
+    ([facts(ours=True, logged=[1]), facts(ours=True)], True, None),
+    ([RESULTS, RESULTS], False, "already exists"),
+    ([facts(), EMPTY], False, "already exists"),
+    ([facts(ours=True, readable=[2]), facts(readable=[2])], False, "already exists"),  # not every agent is ours
+    ([RESULTS, RESULTS], True, r"holds results but no checkpoint that every node can resume from \(nodes 0-1: "
+                               r"logged 1-3, checkpoints none\): nothing was changed"),
+    ([facts(logged=[1, 2], readable=[2]), facts(logged=[1, 2], saved=[2])], True,
+     r"\(node 0: logged 1-2, checkpoints 2; node 1: logged 1-2, checkpoints none, unreadable 2\)"),
+])
+def test_a_launch_continues_a_run_or_starts_where_there_are_no_results(nodes, resume, expected, tmp_path):
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            decide(nodes, resume, tmp_path)
+    else:
+        assert decide(nodes, resume, tmp_path) == expected
 
 
 def test_checkpoint_every_and_the_last_epoch(tmp_path):
@@ -221,13 +272,18 @@ def test_killed_worker_restarts_and_matches_uninterrupted(reference, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_resume_continues_each_epoch_once(reference, tmp_path):
-    """2 epochs, then `--run.resume --train.epochs 4`; node 1 straggles (sleep_factor) in both launches."""
+    """2 epochs, node 2's newest checkpoint truncated, then `--run.resume --train.epochs 4`: every node resumes
+    from epoch 1, the newest that all can read. Node 1 straggles (sleep_factor) in both launches."""
     run = tmp_path / "run"
     slow = ["--run.dir", str(run), "--train.sleep_factor", "1", "--train.slow_ranks", "1"]
     assert torchrun(4, [*slow, "--train.epochs", "2"], tmp_path / "log1.txt")[0] == 0
+    newest = run / "ckpt" / "node2_epoch2.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     rc, _ = torchrun(4, [*slow, "--train.epochs", "4", "--run.resume"], tmp_path / "log2.txt")
-    assert rc == 0, (tmp_path / "log2.txt").read_text()[-3000:]
-    assert "resumed from epoch 2" in (tmp_path / "log2.txt").read_text()
+    text = (tmp_path / "log2.txt").read_text()
+    assert rc == 0, text[-3000:]
+    assert re.search(r"checkpoint .*node2_epoch2.pt cannot be read \(.+\): not resuming from it", text), text[-3000:]
+    assert "resumed from epoch 1 (step 100)" in text
     for r in range(4):
         assert epochs(run, r) == [1, 2, 3, 4], (r, epochs(run, r))
         slept = [float(row["sleep_s"]) for row in rows(run, r)]
@@ -235,6 +291,44 @@ def test_resume_continues_each_epoch_once(reference, tmp_path):
     wall = [float(row["wall_s"]) for row in rows(run, 0)]
     assert wall == sorted(wall)  # wall_s continues from the checkpoint
     assert final_losses(run, 4) == pytest.approx(final_losses(reference, 4), abs=1e-5)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["resume", "restart"])
+def test_no_launch_overwrites_results(how, tmp_path):
+    """Results without a checkpoint (train.checkpoint_every = 0) survive `--run.resume`, and a torchrun restart
+    after an attempt that refused the directory refuses it again instead of training over it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for r in range(2):
+        (run / f"node{r}.csv").write_text("epoch,train_loss\n1,0.9\n2,0.8\n3,0.7\n")
+    before = snapshot(run)
+    restarts = ["--max-restarts", "1"] if how == "restart" else []
+    resume = ["--run.resume"] if how == "resume" else []
+    proc = start([*TORCHRUN, "--standalone", "--nproc_per_node", "2", *restarts, *QUICK, "--run.dir", str(run),
+                  "--topology.path=", *resume], tmp_path / "log.txt")
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        kill_all([proc])
+    text = (tmp_path / "log.txt").read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert rc != 0 and not re.search(r'File ".*(p2p/|train\.py)', text), text[-3000:]  # torchrun's traceback only
+    assert re.search(r"exitcode\s*: 2 ", text), text[-3000:]  # the workers' code, as torchrun reports it
+    # (torchrun ends a worker's peers as soon as it exits, so a peer may not get to print its line)
+    if how == "resume":
+        assert set(errors) == {f"error: run directory {run} holds results but no checkpoint that every node can "
+                               f"resume from (nodes 0-1: logged 1-3, checkpoints none): nothing was changed; start a "
+                               f"new run with --run.name NAME"}, errors
+    else:
+        assert set(errors) == {f"error: run directory {run} already exists: continue it with --run.resume or start "
+                               f"a new run with --run.name NAME"}, errors
+        assert len(re.findall(r"failed \(exitcode: 2\)", text)) == 2, text[-3000:]  # attempt 0, and its restart
+    assert snapshot(run) == before
 
 
 @pytest.mark.timeout(300)
