@@ -46,6 +46,14 @@ EXACT = {  # label: the AlgorithmConfig fields that differ from the defaults
     "admm_isvr_K4": dict(name="admm_isvr", interval=4, piw=2.0, lr=1.0),
     "cadmm": dict(name="cadmm", eta=ETA),
     "allreduce": dict(name="allreduce"),
+    # momentum replaces g_i by torch SGD's direction d_i; at a fixed point d_i ∝ g_i, so the optimum
+    # stays exact. The same effective step γ/(1 − β) as above.
+    **{f"{name}_momentum": dict(name=name, momentum=0.9, lr=LR * 0.1, **extra)
+       for name, extra in [("pdmm", dict(eta=ETA)), ("admm", dict(eta=ETA)), ("pdmm_isvr", {}), ("admm_isvr", {}),
+                           ("cadmm", dict(eta=ETA))]},
+    **{f"{name}_nesterov": dict(name=name, momentum=0.9, nesterov=True, lr=LR * 0.1, **extra)
+       for name, extra in [("pdmm", dict(eta=ETA)), ("admm_isvr", {}), ("cadmm", dict(eta=ETA))]},
+    "admm_isvr_K4_momentum": dict(name="admm_isvr", interval=4, piw=2.0, lr=0.1, momentum=0.9, dampening=0.5),
 }
 DSGD_STEPS = 300  # dsgd sits at its biased fixed point long before this
 REPLAY_ONLY = {  # biased on purpose (see ALGORITHMS.md), so only replayed: a different c_g on every node
@@ -169,12 +177,18 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     w_j = {(i, j): W[j].clone() for i in range(n) for j in N_[i]}  # cadmm: the last received w_j
     alpha = torch.zeros_like(W)
     Mix = torch.from_numpy(topology.mixing_matrix("metropolis"))
+    beta, m = cfg.momentum, torch.zeros_like(W)  # torch SGD's momentum buffers, one row per node
     out = [W.clone()]
     for t in range(REPLAY_STEPS):
         g = torch.stack([_gradient_at(node, W[i]) for i, node in enumerate(nodes)])  # (n, P)
+        if name == "allreduce":
+            g = g.mean(0, keepdim=True).expand_as(g)
+        if beta:  # ALGORITHMS.md, "Momentum for every rule": g_i is replaced by the direction d_i
+            m = g.clone() if t == 0 else beta * m + (1 - cfg.dampening) * g
+            g = g + beta * m if cfg.nesterov else m
         exchange = (t + 1) % K == 0
         if name == "allreduce":
-            W = W - lr * g.mean(0)
+            W = W - lr * g
         elif name == "dsgd":
             W = W - lr * g
             W = Mix @ W if exchange else W

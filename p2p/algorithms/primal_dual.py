@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from p2p.algorithms.base import Algorithm
+from p2p.algorithms.base import Algorithm, MomentumDirection
 from p2p.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -19,9 +19,10 @@ class PrimalDual(Algorithm):
     """Linearized primal-dual method of multipliers with stochastic gradients.
 
     Per neighbour j: a dual z_{i|j} (initially 0), the edge sign A_{i|j} = ±1 (= −A_{j|i}) and a
-    penalty c_ij = c_ji. Every step:
+    penalty c_ij = c_ji. Every step, with d_i the momentum direction of g_i (torch SGD's; d_i = g_i
+    when momentum = 0, see MomentumDirection):
 
-        w_i ← (w_i/γ_t − c_g g_i + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ_t + Σ_j c_ij)
+        w_i ← (w_i/γ_t − c_g d_i + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ_t + Σ_j c_ij)
 
     At an exchange, for every neighbour j:
 
@@ -64,15 +65,17 @@ class PrimalDual(Algorithm):
         # k_ij A_{i|j} as tensors (0-dim for a scalar penalty) so the step is in-place addcmul_s
         self.kA = {j: torch.as_tensor(self.k[j] * self.A[j], dtype=w.dtype, device=w.device) for j in self.neighbors}
         self.k_sum = sum(self.k.values())  # Σ_j k_ij
+        self.direction = MomentumDirection(cfg, w)  # d_i from g_i
         self.z = {j: torch.zeros_like(w) for j in self.neighbors}  # z_{i|j}
         self.y = {j: torch.empty_like(w) for j in self.neighbors}  # y_{i|j}, sent
         self.y_in = {j: torch.empty_like(w) for j in self.neighbors}  # y_{j|i}, received
 
     def step(self, lr: float, exchange: bool) -> None:
-        w, g, A, z = self.flat.w, self.flat.g, self.A, self.z
-        # w ← (w/γ − c_g g + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ + Σ_j c_ij), numerator and denominator
+        w, A, z = self.flat.w, self.A, self.z
+        d = self.direction(self.flat.g, w)
+        # w ← (w/γ − c_g d + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ + Σ_j c_ij), numerator and denominator
         # multiplied by γ (γ c_ij = k_ij): one temporary, in-place updates, whatever the degree
-        numer = torch.add(w, g, alpha=-lr * self.c_g)
+        numer = torch.add(w, d, alpha=-lr * self.c_g)
         for j in self.neighbors:
             numer.addcmul_(self.kA[j], z[j])
         w.copy_(numer.div_(1 + self.k_sum))
@@ -88,8 +91,9 @@ class PrimalDual(Algorithm):
                 z[j].mul_(0.5).add_(self.y_in[j], alpha=0.5)
 
     def state_dict(self) -> dict:
-        return {"z": self.z}
+        return {"z": self.z, "momentum": self.direction.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.direction.load_state_dict(state["momentum"])
         for j in self.neighbors:
             self.z[j].copy_(state["z"][j])
