@@ -88,6 +88,7 @@ class AlgorithmConfig:
     interval: int = 1  # K: exchange after every K-th local step
     eta: float = 0.005  # primal-dual penalty scale
     penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
+    dual_init: str = "consensus"  # primal-dual: consensus (z_ij = A_ij w_0) | zero (the spec's and the seed's)
     piw: float = 1.0  # ISVR: 0.5 | 1 | 2
     use_gcoef: bool = False  # ISVR: scale the gradient by c_g
     schedule: str = "cyclic"  # gossip matchings: cyclic | random
@@ -148,6 +149,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.optimizer": ("sgd", "adam"),
     "algorithm.mixing": ("metropolis", "uniform", "file"),
     "algorithm.penalty_scale": ("fan_in", "none"),
+    "algorithm.dual_init": ("consensus", "zero"),
     "algorithm.piw": (0.5, 1.0, 2.0),
     "algorithm.schedule": ("cyclic", "random"),
     "train.scheduler": ("none", "step"),
