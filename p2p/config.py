@@ -85,7 +85,7 @@ class AlgorithmConfig:
     weight_decay: float = 0.0  # torch optimizer weight decay
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
     mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
-    interval: int = 1  # K: exchange after every K-th local step
+    interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1
     eta: float = 0.005  # primal-dual penalty scale
     penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
     piw: float = 1.0  # ISVR: 0.5 | 1 | 2
@@ -287,8 +287,9 @@ def validate(cfg: Config) -> None:
         (a.lr > 0, "--algorithm.lr must be > 0"),
         (a.optimizer == "sgd" or a.name in ("local", "allreduce"),
          f"--algorithm.optimizer adam is only for local and allreduce; {a.name} uses SGD for its local step"),
-        (a.interval >= 1, "--algorithm.interval (K) must be >= 1"),
-        (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),  # K(d+1) - 2d <= 0 for every d >= 1
+        (a.interval >= 0, "--algorithm.interval (K) must be >= 1, or 0 for the topology file's round (else 1)"),
+        # K(d+1) - 2d <= 0 for every d >= 1; K = 0 is resolved later, and the algorithm checks it again then
+        (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),
          "--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty: use interval >= 2 or piw <= 1"),
         (a.eta > 0, "--algorithm.eta must be > 0"),
         (a.momentum >= 0, "--algorithm.momentum must be >= 0"),

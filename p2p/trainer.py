@@ -16,7 +16,7 @@ from tqdm import tqdm
 from p2p import checkpoint, plots
 from p2p.algorithms import Algorithm, FlatParams, build_algorithm
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
-from p2p.config import Config, ConfigError, TrainConfig, to_toml
+from p2p.config import AlgorithmConfig, Config, ConfigError, TrainConfig, to_toml
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.models import build_model
 from p2p.metrics import Metrics
@@ -105,6 +105,21 @@ def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.nd
     return Node(model, flat, algorithm, loader, eval_loader(splits.val, 1000), eval_loader(splits.test, 1000))
 
 
+def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
+    """Set K = cfg.interval in place: 0 (auto) becomes the topology file's round, else 1.
+
+    Algorithms read cfg.interval, so this runs before they are built and before config.toml is
+    written, which then records the K used. An explicit K wins over the file's round; the returned
+    warning (None when all agree) says so, for the caller to log once: the file's slots no longer fit K.
+    """
+    if cfg.interval == 0:
+        cfg.interval = topology.round or 1
+    elif topology.round is not None and cfg.interval != topology.round:
+        return (f"--algorithm.interval {cfg.interval} overrides the round {topology.round} of topology "
+                f"{topology.source}: its per-edge slots assume K = {topology.round}")
+    return None
+
+
 def _setup_logging(cfg: Config, env: Env) -> None:
     level = getattr(logging, cfg.log.level.upper()) if env.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [node{env.rank}] %(message)s", datefmt="%H:%M:%S")
@@ -119,6 +134,7 @@ def run(cfg: Config) -> None:
     topology = build_topology(cfg.topology, env.world_size) if env.world_size > 1 else Topology(1, ())
     if cfg.algorithm.mixing == "file" and topology.weights is None:
         raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
+    interval_warning = resolve_interval(cfg.algorithm, topology)
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, env.world_size, cfg.data)
     comm = Comm(env, device, backend, cfg.comm)
@@ -133,8 +149,10 @@ def run(cfg: Config) -> None:
         if env.is_main:
             (out_dir / "config.toml").write_text(to_toml(cfg))
             topology.save(out_dir / "topology.json")
-            log.info("%d nodes, %s on %s (%s), %d parameters", env.world_size, cfg.algorithm.name,
-                     device, backend, node.flat.w.numel())
+            log.info("%d nodes, %s on %s (%s), K = %d, %d parameters", env.world_size, cfg.algorithm.name,
+                     device, backend, cfg.algorithm.interval, node.flat.w.numel())
+            if interval_warning:
+                log.warning(interval_warning)
             if env.world_size > 1:
                 log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
