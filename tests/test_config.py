@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from p2p.config import AlgorithmConfig, Config, ConfigError, load_config, to_toml, validate
 from p2p.topology import Topology
 from p2p.trainer import resolve_interval
@@ -116,9 +118,18 @@ def test_malformed_command_lines_and_files(tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["--algorithm.lr", "0"], "--algorithm.lr must be > 0"),
     (["--algorithm.lr", "-0.1"], "--algorithm.lr must be > 0"),
-    (["--data.batch_size", "0"], "--data.batch_size must be > 0"),
+    (["--data.batch_size", "-1"], "--data.batch_size must be >= 1, or 0 for full batch"),
+    (["--data.batch_size", "0", "--data.samples_per_epoch", "100"],
+     "--data.samples_per_epoch must be 0 with --data.batch_size 0 (full batch: one step per epoch)"),
     (["--train.epochs", "0"], "--train.epochs must be >= 1"),
     (["--algorithm.interval", "-1"], "--algorithm.interval (K) must be >= 1, or 0 for the topology file's round"),
+    (["--algorithm.weight_decay", "-1"], "--algorithm.weight_decay must be >= 0 and finite"),
+    (["--algorithm.weight_decay", "nan"], "--algorithm.weight_decay must be >= 0 and finite"),
+    (["--algorithm.momentum", "-0.5"], "--algorithm.momentum must be >= 0 and finite"),
+    (["--algorithm.momentum", "inf"], "--algorithm.momentum must be >= 0 and finite"),
+    (["--algorithm.dampening", "1.5"], "--algorithm.dampening must be in [0, 1]"),
+    (["--algorithm.lr", "inf"], "--algorithm.lr must be > 0 and finite"),
+    (["--algorithm.l2_lambda", "nan"], "--algorithm.l2_lambda must be >= 0 and finite"),
     (["--data.alpha", "0"], "--data.alpha (Dirichlet concentration) must be > 0"),
     (["--algorithm.piw", "3"], "--algorithm.piw: unknown value 3.0; choose one of 0.5, 1.0, 2.0"),
     (["--algorithm.name", "dsdg"], "--algorithm.name: unknown value 'dsdg' (did you mean 'dsgd'?)"),
@@ -204,3 +215,41 @@ def test_resolve_interval(interval, round_, K, warns):
     if warns:
         assert warning == ("--algorithm.interval 4 overrides the round 10 of topology t.json: "
                            "its per-edge slots assume K = 10")
+
+
+# --- the optimizer fields: what validate accepts, torch's optimizers accept --------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("weight_decay", -1e-9), ("weight_decay", 0.0), ("weight_decay", 0.5),
+                                         ("momentum", -0.1), ("momentum", 0.0), ("momentum", 0.9),
+                                         ("lr", -0.1), ("lr", 0.1)])
+def test_validate_agrees_with_torch_optimizers(field, value):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    try:
+        torch.optim.SGD(params, **{"lr": 0.1, field: value})
+        if field != "momentum":
+            torch.optim.Adam(params, **{"lr": 0.1, field: value})
+        torch_ok = True
+    except ValueError:
+        torch_ok = False
+    try:
+        load_config([f"--algorithm.{field}", str(value)])
+        ours_ok = True
+    except ConfigError:
+        ours_ok = False
+    assert ours_ok == torch_ok
+
+
+# --- command line over TOML, also between competing fields ------------------------------------------------------
+
+
+def test_a_generator_on_the_command_line_beats_a_file_in_the_toml(tmp_path):
+    path = write(tmp_path, '[topology]\npath = "topologies/ring4.json"\nname = "torus"\n')
+    assert load_config(["--config", path]).topology.path == "topologies/ring4.json"  # TOML alone: path wins
+    cfg = load_config(["--config", path, "--topology.name", "ring"])
+    assert (cfg.topology.path, cfg.topology.name) == ("", "ring")
+    # a path on the command line wins over the TOML's name, and over a name beside it
+    other = write(tmp_path, '[topology]\nname = "star"\n')
+    assert load_config(["--config", other, "--topology.path", "x.json"]).topology.path == "x.json"
+    both = load_config(["--config", path, "--topology.name", "ring", "--topology.path", "x.json"])
+    assert both.topology.path == "x.json"
