@@ -335,7 +335,7 @@ def _load_node_list(data: dict, where: str, source: str) -> Topology:
     listed: dict[int, set[int]] = {}
     slots: dict[tuple[int, int], int] = {}
     for r, (name, v) in enumerate(named):
-        peers = v.get("edges", [])
+        peers = v.get("edges", {})  # none: an isolated node, reported as not connected
         if round_ is not None and not isinstance(peers, dict):
             raise ConfigError(f'{where}: node {name}: with "round", "edges" must map each neighbour to its slot')
         if not isinstance(peers, (list, dict)):

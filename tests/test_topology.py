@@ -241,6 +241,8 @@ BAD = [
     (seed({"a": (4, ["b"]), "b": (4, {"a": 1})}), 'node a: with "round", "edges" must map each neighbour to its slot'),
     (seed({"a": (4, {"b": 0}), "b": (4, {}), "c": (4, {})}), "not symmetric: a lists b but b does not list a"),
     ('{"nodes": {"a": {"edges": ["b"]}, "b": {"edges": ["a"]}, "a": {"edges": []}}}', "key 'a' appears twice"),
+    ({"nodes": {"a": {"round": 3, "edges": {"b": 0}}, "b": {"round": 3, "edges": {"a": 1}}, "c": {"round": 3}}},
+     "is not connected: nodes \\[2\\] cannot reach node 0"),
     # our format's optional schedule
     ({"n": 2, "edges": [[0, 1]], "slots": [[0, 1, 0], [1, 0, 0]]}, '"slots" needs "round"'),
     ({"n": 2, "edges": [[0, 1]], "round": 2.5}, '"round" \\(local steps per round, K\\) must be a positive integer'),
