@@ -36,7 +36,7 @@ TOL, CHECK_EVERY, MAX_STEPS = 1e-6, 50, 2000
 RING = Topology(N, ((0, 1), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)")
 IRREGULAR = Topology(N, ((0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)+chords")
 TOPOLOGIES = {"ring": RING, "irregular": IRREGULAR}
-EXACT = {  # label: the AlgorithmConfig fields that differ from the defaults
+EXACT = {  # label: the AlgorithmConfig fields besides lr, l2_lambda and interval 1
     "pdmm": dict(name="pdmm", eta=ETA),
     "admm": dict(name="admm", eta=ETA),
     "pdmm_isvr": dict(name="pdmm_isvr"),
@@ -111,7 +111,7 @@ def _optimality(comm, model, flat: FlatParams, x, y) -> tuple[float, float]:
 
 def _run(comm, topology: Topology, fields: dict, x, y, steps: int, stop_at_tol: bool) -> dict:
     model, flat = _model()
-    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, **fields})
+    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
     algorithm = build_algorithm(flat, cfg, topology, comm)
     bytes_before, trace, first_steps = comm.bytes_sent, [], [flat.w.clone()]
     for step in range(steps):
@@ -160,7 +160,7 @@ def _gradient_at(node: tuple, w: torch.Tensor) -> torch.Tensor:
 
 def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     """The first REPLAY_STEPS of every node, (steps + 1, n, P), straight from the equations of ALGORITHMS.md."""
-    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, **fields})
+    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
     name, lr, K, piw, n = cfg.name, cfg.lr, cfg.interval, cfg.piw, topology.n
     nodes = [(*_model(), *_shard(i)) for i in range(n)]
     W = torch.stack([flat.w.clone() for _, flat, _, _ in nodes])  # (n, P)

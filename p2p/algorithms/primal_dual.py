@@ -63,8 +63,10 @@ class PrimalDual(Algorithm):
             self.c_g = 1.0
         else:
             K, piw = cfg.interval, cfg.piw
+            if K < 1:  # a programming error, not a user's: the trainer resolves K = 0 (auto) first
+                raise ValueError(f"interval {K} is unresolved: call trainer.resolve_interval before building")
             if any(K * d[j] + K - piw * d[j] <= 0 for j in self.neighbors):
-                raise ConfigError(f"--algorithm.piw {piw} with --algorithm.interval {K} gives a negative ISVR "
+                raise ConfigError(f"--algorithm.piw {piw:g} with --algorithm.interval {K} gives a negative ISVR "
                                   f"penalty on degree {max(d.values())}: use interval >= 2 or piw <= 1")
             self.k = {j: piw / (K * d[j] + K - piw * d[j]) for j in self.neighbors}
             self.c_g = 1.0 - sum(self.k.values()) * (K / piw - 1) if cfg.use_gcoef else 1.0
