@@ -53,6 +53,9 @@ EXACT = {  # label: the AlgorithmConfig fields besides lr, l2_lambda and interva
                            ("cadmm", dict(eta=ETA))]},
     **{f"{name}_nesterov": dict(name=name, momentum=0.9, nesterov=True, lr=LR * 0.1, **extra)
        for name, extra in [("pdmm", dict(eta=ETA)), ("admm_isvr", {}), ("cadmm", dict(eta=ETA))]},
+    # the spec's literal dual initialisation, z = 0 (the default starts at consensus, z_ij = A_ij w_0)
+    "pdmm_zero_duals": dict(name="pdmm", eta=ETA, dual_init="zero"),
+    "admm_isvr_zero_duals": dict(name="admm_isvr", dual_init="zero"),
     "admm_isvr_K4_momentum": dict(name="admm_isvr", interval=4, piw=2.0, lr=0.1, momentum=0.9, dampening=0.5),
 }
 DSGD_STEPS = 300  # dsgd sits at its biased fixed point long before this
@@ -173,7 +176,8 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     else:
         c = lambda i, j: cfg.eta / lr * v / d(i, j)  # noqa: E731  (η/γ) v_p / max(d_i, d_j)
     c_g = [1 - lr * sum(c(i, j) for j in N_[i]) * (K / piw - 1) if cfg.use_gcoef else 1.0 for i in range(n)]
-    z = {(i, j): torch.zeros_like(W[0]) for i in range(n) for j in N_[i]}  # z_{i|j}
+    z = {(i, j): A(i, j) * W[i] if cfg.dual_init == "consensus" else torch.zeros_like(W[0])
+         for i in range(n) for j in N_[i]}  # z_{i|j}
     w_j = {(i, j): W[j].clone() for i in range(n) for j in N_[i]}  # cadmm: the last received w_j
     alpha = torch.zeros_like(W)
     Mix = torch.from_numpy(topology.mixing_matrix("metropolis"))
