@@ -51,9 +51,9 @@ class DataConfig:
     alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
     classes_per_node: int = 2  # classes partition: classes each node holds
     class_shift: int = 1  # classes partition: node k starts at (class_shift * k) mod C
-    val_fraction: float = 0.1  # share of the training set held out as a global validation split
+    val_fraction: float = 0.1  # share of the training set held out as a global validation split; 0 = none
     samples_per_epoch: int = 0  # samples each node sees per epoch; 0 = len(train) / n (same steps on every node)
-    batch_size: int = 32  # minibatch size per node
+    batch_size: int = 32  # minibatch size per node; 0 = full batch (the whole shard, one step per epoch)
     data_seed: int = 0  # seed of the split and partition (identical on every node)
     augment: bool = True  # random crop + flip for cifar10
     workers: int = 0  # DataLoader worker processes for training batches (cifar10 on GPUs: 4-8)
@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class TopologyConfig:
-    path: str = ""  # topology file (JSON, ours or the seed's node_list.json); overrides `name`
+    path: str = ""  # topology file (JSON, ours or the seed's node_list.json); overrides `name` (not a CLI name)
     name: str = "ring"  # generator: ring | torus | complete | star | exponential | random_regular
     n: int = 0  # node count for the generator; 0 = the world size
     degree: int = 3  # random_regular: degree of every node
@@ -89,9 +89,10 @@ class AlgorithmConfig:
     weight_decay: float = 0.0  # torch optimizer weight decay
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
     mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
-    interval: int = 1  # K: exchange after every K-th local step
+    interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1
     eta: float = 0.005  # primal-dual penalty scale
     penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
+    dual_init: str = "consensus"  # primal-dual: consensus (z_ij = A_ij w_0) | zero (the spec's and the seed's)
     piw: float = 1.0  # ISVR: 0.5 | 1 | 2
     use_gcoef: bool = False  # ISVR: scale the gradient by c_g
     schedule: str = "cyclic"  # gossip matchings: cyclic | random
@@ -152,6 +153,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.optimizer": ("sgd", "adam"),
     "algorithm.mixing": ("metropolis", "uniform", "file"),
     "algorithm.penalty_scale": ("fan_in", "none"),
+    "algorithm.dual_init": ("consensus", "zero"),
     "algorithm.piw": (0.5, 1.0, 2.0),
     "algorithm.schedule": ("cyclic", "random"),
     "train.scheduler": ("none", "step"),
@@ -273,6 +275,10 @@ def load_config(argv: list[str]) -> Config:
     for dotted, value in overrides:
         section, _, key = dotted.partition(".")
         _apply(cfg, section, key, value, CLI)
+    # a generator named on the command line beats the TOML's file (a command-line path beats a name anyway)
+    on_cli = {dotted for dotted, _ in overrides}
+    if "topology.name" in on_cli and "topology.path" not in on_cli:
+        cfg.topology.path = ""
     validate(cfg)
     return cfg
 
@@ -287,19 +293,26 @@ def validate(cfg: Config) -> None:
             hint = _suggest(value, [str(o) for o in options]) if isinstance(value, str) else ""
             raise ConfigError(f"--{flag}: unknown value {value!r}{hint}; choose one of {shown}")
     a, d, t = cfg.algorithm, cfg.data, cfg.train
+    finite = math.isfinite
     checks = [
-        (a.lr > 0, "--algorithm.lr must be > 0"),
+        (a.lr > 0 and finite(a.lr), "--algorithm.lr must be > 0 and finite"),
         (a.optimizer == "sgd" or a.name in ("local", "allreduce"),
          f"--algorithm.optimizer adam is only for local and allreduce; {a.name} uses SGD for its local step"),
-        (a.interval >= 1, "--algorithm.interval (K) must be >= 1"),
-        (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),  # K(d+1) - 2d <= 0 for every d >= 1
+        (a.interval >= 0, "--algorithm.interval (K) must be >= 1, or 0 for the topology file's round (else 1)"),
+        # K(d+1) - 2d <= 0 for every d >= 1; K = 0 is resolved later, and the algorithm checks it again then
+        (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),
          "--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty: use interval >= 2 or piw <= 1"),
         (a.eta > 0, "--algorithm.eta must be > 0"),
-        (a.momentum >= 0, "--algorithm.momentum must be >= 0"),
-        (a.l2_lambda >= 0, "--algorithm.l2_lambda must be >= 0"),
+        # torch's optimizers reject negative momentum and weight decay with a traceback; inf/nan only diverge
+        (a.momentum >= 0 and finite(a.momentum), "--algorithm.momentum must be >= 0 and finite"),
+        (0 <= a.dampening <= 1, "--algorithm.dampening must be in [0, 1]"),
+        (a.weight_decay >= 0 and finite(a.weight_decay), "--algorithm.weight_decay must be >= 0 and finite"),
+        (a.l2_lambda >= 0 and finite(a.l2_lambda), "--algorithm.l2_lambda must be >= 0 and finite"),
         (not (a.nesterov and (a.momentum <= 0 or a.dampening != 0)),
          "--algorithm.nesterov needs --algorithm.momentum > 0 and --algorithm.dampening 0"),
-        (d.batch_size > 0, "--data.batch_size must be > 0"),
+        (d.batch_size >= 0, "--data.batch_size must be >= 1, or 0 for full batch"),
+        (d.batch_size > 0 or d.samples_per_epoch == 0,
+         "--data.samples_per_epoch must be 0 with --data.batch_size 0 (full batch: one step per epoch)"),
         (d.workers >= 0, "--data.workers must be >= 0"),
         (d.alpha > 0, "--data.alpha (Dirichlet concentration) must be > 0"),
         (d.classes_per_node >= 1, "--data.classes_per_node must be >= 1"),

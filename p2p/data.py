@@ -223,7 +223,8 @@ def partition(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndar
     """Split the train split among `n_nodes`: disjoint, deterministic for `data_seed`.
 
     Returns each node's indices into `Splits.train`, sorted. Together they cover every sample
-    (for `classes`: every sample of a class some node holds). C is `labels.max() + 1`.
+    (for `classes`: every sample of a class some node holds). C is `labels.max() + 1`. Every rank
+    computes every shard, so a shard too small for the batch fails on every rank alike.
     """
     if cfg.partition not in _PARTITIONS:
         raise ConfigError(f"--data.partition: unknown scheme {cfg.partition!r}; choose iid, dirichlet or classes")
@@ -234,6 +235,10 @@ def partition(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndar
                 f"{cfg.partition} partition leaves node {k} with no samples: lower the node count"
                 + (" or raise --data.classes_per_node" if cfg.partition == "classes" else "")
             )
+    k = min(range(n_nodes), key=lambda k: len(shards[k]))
+    if cfg.batch_size > len(shards[k]):  # the batch would repeat samples of the shard, every step
+        raise ConfigError(f"--data.batch_size {cfg.batch_size} is larger than node {k}'s shard of {len(shards[k])} "
+                          f"samples: lower it, or use --data.batch_size 0 (full batch: the whole shard every step)")
     return shards
 
 
@@ -243,7 +248,8 @@ def class_histogram(labels: np.ndarray, indices: np.ndarray, num_classes: int) -
 
 
 def node_loader(splits: Splits, indices: np.ndarray, cfg: DataConfig, seed: int, n_nodes: int) -> DataLoader:
-    """The node's training loader: `samples_per_epoch // batch_size` full batches per epoch.
+    """The node's training loader: `samples_per_epoch // batch_size` full batches per epoch, or with
+    `batch_size = 0` (full batch) one batch of the whole shard per epoch.
 
     Every node must take the same number of steps (exchanges are synchronous), but non-IID shards
     differ in size, so `samples_per_epoch = 0` means len(train) / n_nodes on every node: one epoch
@@ -253,15 +259,19 @@ def node_loader(splits: Splits, indices: np.ndarray, cfg: DataConfig, seed: int,
     generator lives at `loader.sampler.generator` so a checkpoint can save and restore its state.
     """
     shard = Subset(splits.train, np.asarray(indices).tolist())
-    steps = max(1, (cfg.samples_per_epoch or len(splits.train_labels) // n_nodes) // cfg.batch_size)
+    if cfg.batch_size == 0:  # full batch (validation keeps samples_per_epoch at 0)
+        batch, steps = len(shard), 1
+    else:
+        batch = cfg.batch_size
+        steps = max(1, (cfg.samples_per_epoch or len(splits.train_labels) // n_nodes) // batch)
     sampler = RandomSampler(
         shard,
         replacement=False,
-        num_samples=steps * cfg.batch_size,
+        num_samples=steps * batch,
         generator=torch.Generator().manual_seed(seed),
     )
     # workers only decode/augment; the sampler (and its checkpointed generator) stays in this process
-    return DataLoader(shard, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(shard, batch_size=batch, sampler=sampler, drop_last=True,
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from p2p.config import ConfigError, TopologyConfig
 
 GENERATORS = ("ring", "torus", "complete", "star", "exponential", "random_regular")
 _TOL = 1e-9
+log = logging.getLogger("p2p")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class Topology:
     # per-edge W_ij from a file, keys (i, j) with i < j; None for generated graphs
     weights: dict[tuple[int, int], float] | None = field(default=None, hash=False)
     source: str = ""  # file path or generator description, for messages and logs
+    # The seed's exchange schedule, from a file: `round` local steps per round (K, unless the config sets
+    # algorithm.interval), and per directed edge (i, j) the slot 0..round-1 at which node i starts its
+    # exchange with j. Kept for the async mode and time-varying graphs; None when the file has none.
+    round: int | None = None
+    slots: dict[tuple[int, int], int] | None = field(default=None, hash=False)
 
     @cached_property
     def _adjacency(self) -> list[list[int]]:
@@ -110,13 +117,17 @@ class Topology:
         data: dict = {"n": self.n, "edges": [list(e) for e in self.edges]}
         if self.weights is not None:
             data["weights"] = [[i, j, w] for (i, j), w in sorted(self.weights.items())]
+        if self.round is not None:
+            data["round"] = self.round
+        if self.slots is not None:
+            data["slots"] = [[i, j, s] for (i, j), s in sorted(self.slots.items())]
         return data
 
     def dumps(self) -> str:
-        """Our file format, one edge (or weight) per line so diffs stay readable."""
+        """Our file format, one edge (weight, slot) per line so diffs stay readable."""
         data = self.to_json()
-        parts = [f'  "n": {self.n}']
-        for key in ("edges", "weights"):
+        parts = [f'  "{key}": {data[key]}' for key in ("n", "round") if key in data]
+        for key in ("edges", "weights", "slots"):
             if key in data:
                 rows = ",\n".join(f"    {json.dumps(row)}" for row in data[key])
                 parts.append(f'  "{key}": [\n{rows}\n  ]' if rows else f'  "{key}": []')
@@ -128,11 +139,13 @@ class Topology:
     def summary(self, mixing: str) -> str:
         degrees = [self.degree(i) for i in range(self.n)]
         gap = self.spectral_gap(self.mixing_matrix(mixing))
+        rounds = f", round {self.round}" if self.round is not None else ""
         return (f"topology {self.source}: {self.n} nodes, {len(self.edges)} edges, "
-                f"degree {min(degrees)}..{max(degrees)}, spectral gap {gap:.4f} ({mixing} mixing)")
+                f"degree {min(degrees)}..{max(degrees)}, spectral gap {gap:.4f} ({mixing} mixing){rounds}")
 
 
-def _make(n: int, edges: list[tuple[int, int]], source: str, weights: dict | None = None) -> Topology:
+def _make(n: int, edges: list[tuple[int, int]], source: str, weights: dict | None = None,
+          round: int | None = None, slots: dict | None = None) -> Topology:
     """Normalise the edges (i < j, sorted, merged) and refuse a disconnected graph."""
     norm = tuple(sorted({(min(i, j), max(i, j)) for i, j in edges}))
     G = nx.Graph()
@@ -141,7 +154,7 @@ def _make(n: int, edges: list[tuple[int, int]], source: str, weights: dict | Non
     if not nx.is_connected(G):
         cut = sorted(set(range(n)) - nx.node_connected_component(G, 0))
         raise ConfigError(f"topology {source} is not connected: nodes {cut[:10]} cannot reach node 0")
-    return Topology(n=n, edges=norm, weights=weights, source=source)
+    return Topology(n=n, edges=norm, weights=weights, source=source, round=round, slots=slots)
 
 
 def _relabel(G: nx.Graph) -> list[tuple[int, int]]:
@@ -188,11 +201,13 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _load_ours(data: dict, where: str) -> tuple[int, list[tuple[int, int]], dict | None]:
-    """{"n": 4, "edges": [[0, 1], ...], "weights": [[0, 1, 0.33], ...]}; duplicate edges merge."""
-    unknown = set(data) - {"n", "edges", "weights"}
+def _load_ours(data: dict, where: str, source: str) -> Topology:
+    """{"n": 4, "edges": [[0, 1], ...], "weights": [[0, 1, 0.33], ...], "round": 8, "slots": [[0, 1, 3], ...]};
+    everything but n and edges optional; duplicate edges merge."""
+    unknown = set(data) - {"n", "edges", "weights", "round", "slots"}
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected n, edges and optional weights")
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected n, edges and optional weights, "
+                          f"round, slots")
     n, raw = data.get("n"), data.get("edges")
     if not _is_int(n) or n < 1:
         raise ConfigError(f'{where}: "n" must be a positive integer, got {n!r}')
@@ -208,11 +223,16 @@ def _load_ours(data: dict, where: str) -> tuple[int, list[tuple[int, int]], dict
         if i == j:
             raise ConfigError(f"{where}: self-loop {e} on node {i}")
         edges.append((min(i, j), max(i, j)))
-    if "weights" not in data:
-        return n, edges, None
+    weights = _read_weights(data, set(edges), n, where) if "weights" in data else None
+    round_, slots = _read_schedule(data, set(edges), where)
+    return _make(n, edges, source, weights, round_, slots)
+
+
+def _read_weights(data: dict, edge_set: set[tuple[int, int]], n: int, where: str) -> dict[tuple[int, int], float]:
+    """Our format's "weights": one symmetric W_ij >= 0 per edge, every node's sum <= 1."""
     if not isinstance(data["weights"], list):
         raise ConfigError(f'{where}: "weights" must be a list of [i, j, w] triples')
-    edge_set, weights = set(edges), {}
+    weights: dict[tuple[int, int], float] = {}
     for row in data["weights"]:
         if not (isinstance(row, list) and len(row) == 3 and _is_int(row[0]) and _is_int(row[1])
                 and isinstance(row[2], (int, float)) and not isinstance(row[2], bool) and math.isfinite(row[2])):
@@ -235,35 +255,118 @@ def _load_ours(data: dict, where: str) -> tuple[int, list[tuple[int, int]], dict
     if rows.max() > 1 + _TOL:
         i = int(rows.argmax())
         raise ConfigError(f"{where}: the weights of node {i} sum to {rows[i]:.6g} > 1")
-    return n, edges, weights
+    return weights
 
 
-def _load_node_list(data: dict, where: str) -> tuple[int, list[tuple[int, int]]]:
-    """The seed's {"nodes": [{"name", "addr", "port", "edges": [names] or {name: ...}}, ...]}."""
+def _check_round(round_: object, where: str) -> int:
+    if not _is_int(round_) or round_ < 1:
+        raise ConfigError(f'{where}: "round" (local steps per round, K) must be a positive integer, got {round_!r}')
+    return round_
+
+
+def _check_slot(slot: object, round_: int, what: str, where: str) -> int:
+    if not _is_int(slot) or not 0 <= slot < round_:
+        raise ConfigError(f"{where}: {what} is {slot!r}; a slot is an integer in 0..{round_ - 1} (round {round_})")
+    return slot
+
+
+def _read_schedule(data: dict, edge_set: set[tuple[int, int]], where: str) -> tuple[int | None, dict | None]:
+    """Our format's optional "round" and "slots" ([i, j, slot] per directed edge, all of them or none)."""
+    if "round" not in data:
+        if "slots" in data:
+            raise ConfigError(f'{where}: "slots" needs "round", the local steps per round')
+        return None, None
+    round_ = _check_round(data["round"], where)
+    if "slots" not in data:
+        return round_, None
+    if not isinstance(data["slots"], list):
+        raise ConfigError(f'{where}: "slots" must be a list of [i, j, slot] triples')
+    slots: dict[tuple[int, int], int] = {}
+    for row in data["slots"]:
+        if not (isinstance(row, list) and len(row) == 3 and _is_int(row[0]) and _is_int(row[1])):
+            raise ConfigError(f"{where}: slot {row!r} is not an [i, j, slot] triple")
+        i, j, s = row
+        if i == j or (min(i, j), max(i, j)) not in edge_set:
+            raise ConfigError(f"{where}: slot {row} is on ({i}, {j}), which is not an edge")
+        _check_slot(s, round_, f"the slot of node {i} for neighbour {j}", where)
+        if slots.get((i, j), s) != s:
+            raise ConfigError(f"{where}: node {i} has two slots for neighbour {j}: {slots[i, j]} and {s}")
+        slots[i, j] = s
+    missing = [(i, j) for a, b in sorted(edge_set) for i, j in ((a, b), (b, a)) if (i, j) not in slots]
+    if missing:
+        raise ConfigError(f"{where}: node {missing[0][0]} has no slot for neighbour {missing[0][1]} "
+                          f"({len(missing)} directed edges lack one)")
+    return round_, slots
+
+
+def _load_node_list(data: dict, where: str, source: str) -> Topology:
+    """The seed's node list, in either shape; ranks follow the file's order:
+
+        {"nodes": {"node0": {"device": "cuda", "round": 10, "edges": {"node2": 0, "node1": 4}}, ...}}
+        {"nodes": [{"name": "CASPER", "addr": "localhost", "port": 9997, "edges": ["BALTHASAR", ...]}, ...]}
+
+    With `round` (local steps per round, the same on every node) each edges value is that edge's slot
+    in 0..round-1: the step of the round at which this node starts the exchange. Without it, edges may
+    be a list of names (an object's values are then ignored). device, addr and port are ignored:
+    the launcher decides where a node runs and how it connects.
+    """
     nodes = data["nodes"]
-    if not isinstance(nodes, list) or not nodes or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
-                                                            for v in nodes):
-        raise ConfigError(f'{where}: "nodes" must be a non-empty list of objects with a "name" string')
-    rank = {v["name"]: r for r, v in enumerate(nodes)}
-    if len(rank) != len(nodes):
+    if isinstance(nodes, dict) and nodes and all(isinstance(v, dict) for v in nodes.values()):
+        named = list(nodes.items())
+    elif isinstance(nodes, list) and nodes and all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                                   for v in nodes):
+        named = [(v["name"], v) for v in nodes]
+    else:
+        raise ConfigError(f'{where}: "nodes" must be an object keyed by node name or a non-empty list of objects '
+                          f'with a "name" string')
+    rank = {name: r for r, (name, _) in enumerate(named)}
+    if len(rank) != len(named):
         raise ConfigError(f"{where}: node names are not unique")
+    rounds = [(name, v.get("round")) for name, v in named]
+    for name, r in rounds:
+        if r is not None:
+            _check_round(r, f"{where}: node {name}")
+    for name, r in rounds[1:]:
+        if r != rounds[0][1]:
+            shown = lambda r: "none" if r is None else r  # noqa: E731
+            raise ConfigError(f'{where}: nodes disagree on "round": {rounds[0][0]} has {shown(rounds[0][1])}, '
+                              f'{name} has {shown(r)}')
+    round_ = rounds[0][1]
     listed: dict[int, set[int]] = {}
-    for r, v in enumerate(nodes):
-        peers = v.get("edges", [])
+    slots: dict[tuple[int, int], int] = {}
+    for r, (name, v) in enumerate(named):
+        peers = v.get("edges", {})  # none: an isolated node, reported as not connected
+        if round_ is not None and not isinstance(peers, dict):
+            raise ConfigError(f'{where}: node {name}: with "round", "edges" must map each neighbour to its slot')
         if not isinstance(peers, (list, dict)):
-            raise ConfigError(f'{where}: node {v["name"]}: "edges" must be a list of names or an object keyed by name')
+            raise ConfigError(f'{where}: node {name}: "edges" must be a list of names or an object keyed by name')
         listed[r] = set()
-        for name in peers:  # a dict iterates over its keys
-            if not isinstance(name, str) or name not in rank:
-                raise ConfigError(f"{where}: node {v['name']} lists unknown neighbour {name!r}")
-            if rank[name] == r:
-                raise ConfigError(f"{where}: self-loop on node {name}")
-            listed[r].add(rank[name])
-    one_way = [(nodes[r]["name"], nodes[q]["name"]) for r in listed for q in sorted(listed[r]) if r not in listed[q]]
+        for peer in peers:  # a dict iterates over its keys
+            if not isinstance(peer, str) or peer not in rank:
+                raise ConfigError(f"{where}: node {name} lists unknown neighbour {peer!r}")
+            if rank[peer] == r:
+                raise ConfigError(f"{where}: self-loop on node {peer}")
+            listed[r].add(rank[peer])
+            if round_ is not None:
+                slots[r, rank[peer]] = _check_slot(peers[peer], round_, f"node {name}'s slot for {peer}", where)
+    one_way = [(named[r][0], named[q][0]) for r in listed for q in sorted(listed[r]) if r not in listed[q]]
     if one_way:
         a, b = one_way[0]
         raise ConfigError(f"{where}: edges are not symmetric: {a} lists {b} but {b} does not list {a}")
-    return len(nodes), [(r, q) for r, peers in listed.items() for q in peers]
+    if any("device" in v for _, v in named):
+        log.info("%s: its \"device\" entries are ignored (--run.device and the launcher decide)", where)
+    log.info("%s: ranks in file order: %s", where, ", ".join(f"{name} = {r}" for name, r in rank.items()))
+    edges = [(r, q) for r, peers in listed.items() for q in peers]
+    return _make(len(named), edges, source, round=round_, slots=slots if round_ is not None else None)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys; a node listed twice must be an error, not vanish."""
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"key {dup!r} appears twice")
+    return dict(pairs)
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -272,17 +375,16 @@ def load_topology(path: str | Path) -> Topology:
     if not Path(path).is_file():
         raise ConfigError(f"{where} not found")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(), object_pairs_hook=_no_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where} is not valid JSON: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if isinstance(data, dict) and "nodes" in data:
-        n, edges = _load_node_list(data, where)
-        weights = None
-    elif isinstance(data, dict) and "edges" in data:
-        n, edges, weights = _load_ours(data, where)
-    else:
-        raise ConfigError(f'{where}: expected {{"n": ..., "edges": [...]}} or {{"nodes": [...]}}')
-    return _make(n, edges, str(path), weights)
+        return _load_node_list(data, where, str(path))
+    if isinstance(data, dict) and "edges" in data:
+        return _load_ours(data, where, str(path))
+    raise ConfigError(f'{where}: expected {{"n": ..., "edges": [...]}} or {{"nodes": ...}}')
 
 
 def build_topology(cfg: TopologyConfig, world_size: int) -> Topology:

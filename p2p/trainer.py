@@ -16,7 +16,7 @@ from tqdm import tqdm
 from p2p import checkpoint, plots
 from p2p.algorithms import Algorithm, FlatParams, build_algorithm
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
-from p2p.config import Config, ConfigError, TrainConfig, config_lines, to_toml
+from p2p.config import AlgorithmConfig, Config, ConfigError, TrainConfig, config_lines, to_toml
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.models import build_model
 from p2p.metrics import Metrics
@@ -82,10 +82,12 @@ class Node:
 def evaluate_network(node: Node, comm: Comm) -> dict[str, float]:
     """This node's val/test metrics plus the network's: consensus distance and the averaged model.
 
-    consensus_dist = (1/n) Σ_i ||w_i − w̄||²; avg_test_* evaluate w̄ = (1/n) Σ_i w_i.
+    consensus_dist = (1/n) Σ_i ||w_i − w̄||²; avg_test_* evaluate w̄ = (1/n) Σ_i w_i. Without a
+    validation split (val_fraction = 0) the val_* entries are absent.
     """
     row: dict[str, float] = {}
-    row["val_loss"], row["val_acc"] = evaluate(node.model, node.val_loader, comm.device)
+    if len(node.val_loader.dataset):
+        row["val_loss"], row["val_acc"] = evaluate(node.model, node.val_loader, comm.device)
     row["test_loss"], row["test_acc"] = evaluate(node.model, node.test_loader, comm.device)
     w = node.flat.w
     w_bar = comm.all_reduce_mean_(w.clone(), training=False)
@@ -105,6 +107,21 @@ def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.nd
     return Node(model, flat, algorithm, loader, eval_loader(splits.val, 1000), eval_loader(splits.test, 1000))
 
 
+def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
+    """Set K = cfg.interval in place: 0 (auto) becomes the topology file's round, else 1.
+
+    Algorithms read cfg.interval, so this runs before they are built and before config.toml is
+    written, which then records the K used. An explicit K wins over the file's round; the returned
+    warning (None when all agree) says so, for the caller to log once: the file's slots no longer fit K.
+    """
+    if cfg.interval == 0:
+        cfg.interval = topology.round or 1
+    elif topology.round is not None and cfg.interval != topology.round:
+        return (f"--algorithm.interval {cfg.interval} overrides the round {topology.round} of topology "
+                f"{topology.source}: its per-edge slots assume K = {topology.round}")
+    return None
+
+
 def _setup_logging(cfg: Config, env: Env) -> None:
     level = getattr(logging, cfg.log.level.upper()) if env.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [node{env.rank}] %(message)s", datefmt="%H:%M:%S")
@@ -119,6 +136,7 @@ def run(cfg: Config) -> None:
     topology = build_topology(cfg.topology, env.world_size) if env.world_size > 1 else Topology(1, ())
     if cfg.algorithm.mixing == "file" and topology.weights is None:
         raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
+    interval_warning = resolve_interval(cfg.algorithm, topology)
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, env.world_size, cfg.data)
     comm = Comm(env, device, backend, cfg.comm)
@@ -137,8 +155,10 @@ def run(cfg: Config) -> None:
         if env.is_main:
             (out_dir / "config.toml").write_text(to_toml(cfg))
             topology.save(out_dir / "topology.json")
-            log.info("%d nodes, %s on %s (%s), %d parameters", env.world_size, cfg.algorithm.name,
-                     device, backend, node.flat.w.numel())
+            log.info("%d nodes, %s on %s (%s), K = %d, %d parameters", env.world_size, cfg.algorithm.name,
+                     device, backend, cfg.algorithm.interval, node.flat.w.numel())
+            if interval_warning:
+                log.warning(interval_warning)
             if env.world_size > 1:
                 log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
@@ -164,48 +184,53 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter() - (progress["wall_s"] if progress else 0.0)  # wall_s continues across restarts
-    for epoch in range(start_epoch + 1, tcfg.epochs + 1):
-        # local steps, exchanging every K-th
-        t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
-        loss_sum = torch.zeros((), device=comm.device)
-        correct = torch.zeros((), device=comm.device, dtype=torch.long)
-        for x, y in node.loader:
-            lr = lr_at(step, tcfg, acfg.lr)
-            exchange = (step + 1) % acfg.interval == 0
-            loss, right = train_step(node.model, node.flat, node.algorithm, x.to(comm.device),
-                                     y.to(comm.device), lr, exchange, acfg.l2_lambda)
-            loss_sum += loss
-            correct += right
-            step += 1
-            bar.update()
-        train_s = time.perf_counter() - t_epoch
-        n_seen = steps_per_epoch * cfg.data.batch_size
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / n_seen,
-               "lr": lr, "bytes_sent": comm.bytes_sent, "comm_s": comm.comm_s - comm_s0}
-        row["compute_s"] = train_s - row["comm_s"]
+    try:  # close the writers and the bar however the loop ends, so TensorBoard keeps every point
+        for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+            # local steps, exchanging every K-th
+            t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
+            loss_sum = torch.zeros((), device=comm.device)
+            correct = torch.zeros((), device=comm.device, dtype=torch.long)
+            n_seen = 0  # samples, counted: a full batch is the shard, whatever batch_size says
+            for x, y in node.loader:
+                lr = lr_at(step, tcfg, acfg.lr)
+                exchange = (step + 1) % acfg.interval == 0
+                loss, right = train_step(node.model, node.flat, node.algorithm, x.to(comm.device),
+                                         y.to(comm.device), lr, exchange, acfg.l2_lambda)
+                loss_sum += loss
+                correct += right
+                n_seen += len(y)
+                step += 1
+                bar.update()
+            train_s = time.perf_counter() - t_epoch
+            row = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
+                   "train_acc": correct.item() / n_seen, "lr": lr, "bytes_sent": comm.bytes_sent,
+                   "comm_s": comm.comm_s - comm_s0}
+            row["compute_s"] = train_s - row["comm_s"]
 
-        # stop every node together if any loss is not finite
-        bad = comm.all_gather_floats([float(not np.isfinite(row["train_loss"]))])
-        if any(b[0] for b in bad):
-            ranks = [r for r, b in enumerate(bad) if b[0]]
-            raise NonFiniteLoss(f"non-finite training loss on node(s) {ranks} in epoch {epoch}: lower --algorithm.lr; "
-                                f"the last good checkpoint is kept in {ckpt.dir}")
+            # stop every node together if any loss is not finite
+            bad = comm.all_gather_floats([float(not np.isfinite(row["train_loss"]))])
+            if any(b[0] for b in bad):
+                ranks = [r for r, b in enumerate(bad) if b[0]]
+                raise NonFiniteLoss(f"non-finite training loss on node(s) {ranks} in epoch {epoch}: lower "
+                                    f"--algorithm.lr; the last good checkpoint is kept in {ckpt.dir}")
 
-        # evaluate the node and the network
-        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
-            row.update(evaluate_network(node, comm))
-            accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
-            log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | "
-                     "consensus %.3e | %.1fs", epoch, tcfg.epochs, row["train_loss"], float(np.mean(accs)), min(accs),
-                     max(accs), row["avg_test_acc"], row["consensus_dist"], time.perf_counter() - t_start)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
+            # evaluate the node and the network
+            if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+                row.update(evaluate_network(node, comm))
+                accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
+                log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | "
+                         "consensus %.3e | %.1fs", epoch, tcfg.epochs, row["train_loss"], float(np.mean(accs)),
+                         min(accs), max(accs), row["avg_test_acc"], row["consensus_dist"],
+                         time.perf_counter() - t_start)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
 
-        # straggler simulation (the seed's sleep_factor); U drawn per (seed, rank, epoch), so a resumed run repeats it
-        u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()
-        row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * u) if slow else 0.0
-        time.sleep(row["sleep_s"])
-        row["wall_s"] = time.perf_counter() - t_start
-        metrics.log(row)
-        ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"]})
-    bar.close()
-    metrics.close()
+            # straggler simulation (the seed's sleep_factor); U per (seed, rank, epoch): a resumed run repeats it
+            u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()
+            row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * u) if slow else 0.0
+            time.sleep(row["sleep_s"])
+            row["wall_s"] = time.perf_counter() - t_start
+            metrics.log(row)
+            ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"]})
+    finally:
+        bar.close()
+        metrics.close()

@@ -22,8 +22,7 @@ def _build(name: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     flat = FlatParams(model)
-    cfg = AlgorithmConfig(name=name, lr=0.1, momentum=0.9 if name in ("local", "dsgd", "gossip") else 0.0,
-                          eta=0.5, interval=1)
+    cfg = AlgorithmConfig(name=name, lr=0.1, momentum=0.9, eta=0.5, interval=1)  # every rule has a momentum buffer
     comm = SimpleNamespace(rank=1, world_size=4)
     return model, flat, build_algorithm(flat, cfg, generate("ring", 4), comm)
 

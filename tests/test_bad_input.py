@@ -74,13 +74,23 @@ CASES = [
     ("unknown_scheduler", 1, lambda t: ["--train.scheduler", "cosine"], r"--train.scheduler: unknown value 'cosine'"),
     ("lr_zero", 1, lambda t: ["--algorithm.lr", "0"], r"--algorithm.lr must be > 0"),
     ("lr_negative", 1, lambda t: ["--algorithm.lr", "-0.1"], r"--algorithm.lr must be > 0"),
-    ("batch_size", 1, lambda t: ["--data.batch_size", "0"], r"--data.batch_size must be > 0"),
+    ("batch_size", 1, lambda t: ["--data.batch_size", "-1"], r"--data.batch_size must be >= 1, or 0 for full batch"),
+    ("batch_larger_than_a_shard", 2, lambda t: ["--topology.path=", "--data.batch_size", "5000"],
+     r"--data.batch_size 5000 is larger than node \d's shard of \d+ samples: lower it, or use --data.batch_size 0"),
+    ("full_batch_with_samples_per_epoch", 1, lambda t: ["--data.batch_size", "0", "--data.samples_per_epoch", "64"],
+     r"--data.samples_per_epoch must be 0 with --data.batch_size 0"),
+    ("weight_decay", 1, lambda t: ["--algorithm.weight_decay", "-1"], r"--algorithm.weight_decay must be >= 0"),
     ("epochs", 1, lambda t: ["--train.epochs", "0"], r"--train.epochs must be >= 1"),
-    ("interval", 1, lambda t: ["--algorithm.interval", "0"], r"--algorithm.interval \(K\) must be >= 1"),
+    ("interval", 1, lambda t: ["--algorithm.interval", "-1"],
+     r"--algorithm.interval \(K\) must be >= 1, or 0 for the topology file's round"),
     ("piw_value", 1, lambda t: ["--algorithm.piw", "3"],
      r"--algorithm.piw: unknown value 3.0; choose one of 0.5, 1.0, 2.0"),
-    ("piw_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2"],
+    ("piw_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2",
+                                   "--algorithm.interval", "1"],
      r"--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty"),
+    # K = 0 (auto) resolves to 1 on ring4.json, which has no round: the algorithm rejects it, still before any wait
+    ("piw_auto_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2"],
+     r"--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty on degree 2"),
     ("dirichlet_alpha", 1, lambda t: ["--data.alpha", "0"], r"--data.alpha \(Dirichlet concentration\) must be > 0"),
     ("classes_per_node", 1, lambda t: ["--data.partition", "classes", "--data.classes_per_node", "11"],
      r"--data.classes_per_node 11 exceeds the 10 classes of the dataset"),
@@ -99,6 +109,9 @@ CASES = [
     ("topology_bad_weights", 3, lambda t: ["--topology.path", topo(t, {"n": 3, "edges": [[0, 1], [1, 2]],
                                                                           "weights": [[0, 1, -0.1], [1, 2, 0.2]]})],
      r"weight \[0, 1, -0.1\] is negative"),
+    ("node_list_round_conflict", 2, lambda t: ["--topology.path", topo(t, {"nodes": {
+        "a": {"round": 10, "edges": {"b": 0}}, "b": {"round": 8, "edges": {"a": 1}}}})],
+     r'topo.json: nodes disagree on "round": a has 10, b has 8'),
     ("node_list_unknown_neighbour", 2,
      lambda t: ["--topology.path", topo(t, node_list({"A": ["B"], "B": ["A", "DAVE"]}))],
      r"node B lists unknown neighbour 'DAVE'"),
@@ -173,7 +186,10 @@ def test_command_exits_2_with_one_line(extra, message, existing, tmp_path):
     ([], r"error: topology .*ring4.json has 4 nodes but the world size is 2: launch with --nproc_per_node 4 "
          r"or pick another topology"),
     (["--comm.backend", "nccl"], r"error: --comm.backend nccl needs GPUs: use --comm.backend gloo on CPU"),
-], ids=["topology_size", "nccl_without_gpus"])
+    (["--topology.name", "ring", "--data.batch_size", "5000"],  # every rank checks every node's shard
+     r"error: --data.batch_size 5000 is larger than node \d's shard of \d+ samples: lower it, or use "
+     r"--data.batch_size 0 \(full batch: the whole shard every step\)"),
+], ids=["topology_size", "nccl_without_gpus", "batch_larger_than_a_shard"])
 def test_every_rank_rejects_alone(extra, message, tmp_path):
     """2 ranks launched without an agent, as on 2 machines: each must exit 2 by itself, none may wait
     for the other (comm.timeout_s is 600 s); under torchrun the agent would end a waiting rank and hide it."""

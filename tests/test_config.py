@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from p2p.config import Config, ConfigError, load_config, to_toml, validate
+import torch
+
+from p2p.config import AlgorithmConfig, Config, ConfigError, load_config, to_toml, validate
+from p2p.topology import Topology
+from p2p.trainer import resolve_interval
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,7 +79,7 @@ epochs = 4
     cfg = load_config(["--algorithm.lr", "0.3", "--config", path])
     assert cfg.algorithm.lr == 0.3  # CLI over TOML
     assert cfg.algorithm.momentum == 0.5 and cfg.train.epochs == 4  # TOML over defaults
-    assert cfg.algorithm.interval == 1 and cfg.data.batch_size == 32  # defaults
+    assert cfg.algorithm.interval == 0 and cfg.data.batch_size == 32  # defaults (K = 0: auto)
 
 
 # --- mistakes: one message that says what to change ---------------------------------------------------------------
@@ -114,9 +118,18 @@ def test_malformed_command_lines_and_files(tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["--algorithm.lr", "0"], "--algorithm.lr must be > 0"),
     (["--algorithm.lr", "-0.1"], "--algorithm.lr must be > 0"),
-    (["--data.batch_size", "0"], "--data.batch_size must be > 0"),
+    (["--data.batch_size", "-1"], "--data.batch_size must be >= 1, or 0 for full batch"),
+    (["--data.batch_size", "0", "--data.samples_per_epoch", "100"],
+     "--data.samples_per_epoch must be 0 with --data.batch_size 0 (full batch: one step per epoch)"),
     (["--train.epochs", "0"], "--train.epochs must be >= 1"),
-    (["--algorithm.interval", "0"], "--algorithm.interval (K) must be >= 1"),
+    (["--algorithm.interval", "-1"], "--algorithm.interval (K) must be >= 1, or 0 for the topology file's round"),
+    (["--algorithm.weight_decay", "-1"], "--algorithm.weight_decay must be >= 0 and finite"),
+    (["--algorithm.weight_decay", "nan"], "--algorithm.weight_decay must be >= 0 and finite"),
+    (["--algorithm.momentum", "-0.5"], "--algorithm.momentum must be >= 0 and finite"),
+    (["--algorithm.momentum", "inf"], "--algorithm.momentum must be >= 0 and finite"),
+    (["--algorithm.dampening", "1.5"], "--algorithm.dampening must be in [0, 1]"),
+    (["--algorithm.lr", "inf"], "--algorithm.lr must be > 0 and finite"),
+    (["--algorithm.l2_lambda", "nan"], "--algorithm.l2_lambda must be >= 0 and finite"),
     (["--data.alpha", "0"], "--data.alpha (Dirichlet concentration) must be > 0"),
     (["--algorithm.piw", "3"], "--algorithm.piw: unknown value 3.0; choose one of 0.5, 1.0, 2.0"),
     (["--algorithm.name", "dsdg"], "--algorithm.name: unknown value 'dsdg' (did you mean 'dsgd'?)"),
@@ -177,5 +190,66 @@ def test_toml_values_must_already_have_the_field_type(tmp_path):
 
 def test_isvr_with_piw_2_needs_an_interval_of_at_least_2():
     with pytest.raises(ConfigError, match="negative ISVR penalty"):
-        load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2"])
+        load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2", "--algorithm.interval", "1"])
     assert load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2", "--algorithm.interval", "2"])
+    # K = 0 (auto) is known only with the topology: the algorithm checks the resolved K (test_bad_input)
+    assert load_config(["--algorithm.name", "admm_isvr", "--algorithm.piw", "2"]).algorithm.interval == 0
+
+
+# --- K from the topology file -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval,round_,K,warns", [
+    (0, 10, 10, False),  # auto: the file's round
+    (0, None, 1, False),  # auto without a round: every step
+    (10, 10, 10, False),
+    (4, 10, 4, True),  # explicit K wins, with a warning: the slots assume 10
+    (3, None, 3, False),
+])
+def test_resolve_interval(interval, round_, K, warns):
+    cfg = AlgorithmConfig(interval=interval)
+    topology = Topology(3, ((0, 1), (0, 2), (1, 2)), source="t.json", round=round_)
+    warning = resolve_interval(cfg, topology)
+    assert cfg.interval == K
+    assert (warning is not None) == warns
+    if warns:
+        assert warning == ("--algorithm.interval 4 overrides the round 10 of topology t.json: "
+                           "its per-edge slots assume K = 10")
+
+
+# --- the optimizer fields: what validate accepts, torch's optimizers accept --------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("weight_decay", -1e-9), ("weight_decay", 0.0), ("weight_decay", 0.5),
+                                         ("momentum", -0.1), ("momentum", 0.0), ("momentum", 0.9),
+                                         ("lr", -0.1), ("lr", 0.1)])
+def test_validate_agrees_with_torch_optimizers(field, value):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    try:
+        torch.optim.SGD(params, **{"lr": 0.1, field: value})
+        if field != "momentum":
+            torch.optim.Adam(params, **{"lr": 0.1, field: value})
+        torch_ok = True
+    except ValueError:
+        torch_ok = False
+    try:
+        load_config([f"--algorithm.{field}", str(value)])
+        ours_ok = True
+    except ConfigError:
+        ours_ok = False
+    assert ours_ok == torch_ok
+
+
+# --- command line over TOML, also between competing fields ------------------------------------------------------
+
+
+def test_a_generator_on_the_command_line_beats_a_file_in_the_toml(tmp_path):
+    path = write(tmp_path, '[topology]\npath = "topologies/ring4.json"\nname = "torus"\n')
+    assert load_config(["--config", path]).topology.path == "topologies/ring4.json"  # TOML alone: path wins
+    cfg = load_config(["--config", path, "--topology.name", "ring"])
+    assert (cfg.topology.path, cfg.topology.name) == ("", "ring")
+    # a path on the command line wins over the TOML's name, and over a name beside it
+    other = write(tmp_path, '[topology]\nname = "star"\n')
+    assert load_config(["--config", other, "--topology.path", "x.json"]).topology.path == "x.json"
+    both = load_config(["--config", path, "--topology.name", "ring", "--topology.path", "x.json"])
+    assert both.topology.path == "x.json"

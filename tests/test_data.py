@@ -142,3 +142,32 @@ def test_missing_cifar10(tmp_path):
 def test_missing_mnist(tmp_path):
     with pytest.raises(ConfigError, match="MNIST not found under .*--data.download true"):
         load_splits(DataConfig(name="mnist", root=str(tmp_path), download=False))
+
+
+def test_no_validation_split():
+    s = load_splits(DataConfig(name="digits", val_fraction=0.0))
+    assert len(s.val) == 0 and len(s.train) == 1437 == len(s.train_labels)
+
+
+def test_full_batch_is_the_whole_shard_once_per_epoch():
+    s = load_splits(DataConfig(name="digits"))
+    cfg = DataConfig(batch_size=0, partition="dirichlet", alpha=0.3)
+    shards = partition(s.train_labels, 4, cfg)
+    for shard in shards[:2]:
+        loader = node_loader(s, shard, cfg, seed=0, n_nodes=4)
+        (x, y), = list(loader)  # one step per epoch
+        assert x.shape == (len(shard), 1, 8, 8)
+        assert sorted(y.tolist()) == sorted(s.train_labels[shard].tolist())  # every sample once
+
+
+def test_a_batch_larger_than_a_shard_names_the_node():
+    sizes = [len(sh) for sh in partition(LABELS, 4, DataConfig(partition="dirichlet", alpha=0.3))]
+    small = int(np.argmin(sizes))
+    cfg = DataConfig(partition="dirichlet", alpha=0.3, batch_size=sizes[small] + 1)
+    with pytest.raises(ConfigError, match=rf"^--data.batch_size {sizes[small] + 1} is larger than node {small}'s "
+                                          rf"shard of {sizes[small]} samples: lower it, or use --data.batch_size 0"):
+        partition(LABELS, 4, cfg)
+    cfg.batch_size = sizes[small]  # exactly the smallest shard is fine, and so is full batch
+    assert [len(sh) for sh in partition(LABELS, 4, cfg)] == sizes
+    cfg.batch_size = 0
+    assert [len(sh) for sh in partition(LABELS, 4, cfg)] == sizes

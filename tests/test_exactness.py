@@ -36,7 +36,7 @@ TOL, CHECK_EVERY, MAX_STEPS = 1e-6, 50, 2000
 RING = Topology(N, ((0, 1), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)")
 IRREGULAR = Topology(N, ((0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)+chords")
 TOPOLOGIES = {"ring": RING, "irregular": IRREGULAR}
-EXACT = {  # label: the AlgorithmConfig fields that differ from the defaults
+EXACT = {  # label: the AlgorithmConfig fields besides lr, l2_lambda and interval 1
     "pdmm": dict(name="pdmm", eta=ETA),
     "admm": dict(name="admm", eta=ETA),
     "pdmm_isvr": dict(name="pdmm_isvr"),
@@ -46,6 +46,17 @@ EXACT = {  # label: the AlgorithmConfig fields that differ from the defaults
     "admm_isvr_K4": dict(name="admm_isvr", interval=4, piw=2.0, lr=1.0),
     "cadmm": dict(name="cadmm", eta=ETA),
     "allreduce": dict(name="allreduce"),
+    # momentum replaces g_i by torch SGD's direction d_i; at a fixed point d_i ∝ g_i, so the optimum
+    # stays exact. The same effective step γ/(1 − β) as above.
+    **{f"{name}_momentum": dict(name=name, momentum=0.9, lr=LR * 0.1, **extra)
+       for name, extra in [("pdmm", dict(eta=ETA)), ("admm", dict(eta=ETA)), ("pdmm_isvr", {}), ("admm_isvr", {}),
+                           ("cadmm", dict(eta=ETA))]},
+    **{f"{name}_nesterov": dict(name=name, momentum=0.9, nesterov=True, lr=LR * 0.1, **extra)
+       for name, extra in [("pdmm", dict(eta=ETA)), ("admm_isvr", {}), ("cadmm", dict(eta=ETA))]},
+    # the spec's literal dual initialisation, z = 0 (the default starts at consensus, z_ij = A_ij w_0)
+    "pdmm_zero_duals": dict(name="pdmm", eta=ETA, dual_init="zero"),
+    "admm_isvr_zero_duals": dict(name="admm_isvr", dual_init="zero"),
+    "admm_isvr_K4_momentum": dict(name="admm_isvr", interval=4, piw=2.0, lr=0.1, momentum=0.9, dampening=0.5),
 }
 DSGD_STEPS = 300  # dsgd sits at its biased fixed point long before this
 REPLAY_ONLY = {  # biased on purpose (see ALGORITHMS.md), so only replayed: a different c_g on every node
@@ -103,7 +114,7 @@ def _optimality(comm, model, flat: FlatParams, x, y) -> tuple[float, float]:
 
 def _run(comm, topology: Topology, fields: dict, x, y, steps: int, stop_at_tol: bool) -> dict:
     model, flat = _model()
-    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, **fields})
+    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
     algorithm = build_algorithm(flat, cfg, topology, comm)
     bytes_before, trace, first_steps = comm.bytes_sent, [], [flat.w.clone()]
     for step in range(steps):
@@ -152,7 +163,7 @@ def _gradient_at(node: tuple, w: torch.Tensor) -> torch.Tensor:
 
 def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     """The first REPLAY_STEPS of every node, (steps + 1, n, P), straight from the equations of ALGORITHMS.md."""
-    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, **fields})
+    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
     name, lr, K, piw, n = cfg.name, cfg.lr, cfg.interval, cfg.piw, topology.n
     nodes = [(*_model(), *_shard(i)) for i in range(n)]
     W = torch.stack([flat.w.clone() for _, flat, _, _ in nodes])  # (n, P)
@@ -165,16 +176,23 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     else:
         c = lambda i, j: cfg.eta / lr * v / d(i, j)  # noqa: E731  (η/γ) v_p / max(d_i, d_j)
     c_g = [1 - lr * sum(c(i, j) for j in N_[i]) * (K / piw - 1) if cfg.use_gcoef else 1.0 for i in range(n)]
-    z = {(i, j): torch.zeros_like(W[0]) for i in range(n) for j in N_[i]}  # z_{i|j}
+    z = {(i, j): A(i, j) * W[i] if cfg.dual_init == "consensus" else torch.zeros_like(W[0])
+         for i in range(n) for j in N_[i]}  # z_{i|j}
     w_j = {(i, j): W[j].clone() for i in range(n) for j in N_[i]}  # cadmm: the last received w_j
     alpha = torch.zeros_like(W)
     Mix = torch.from_numpy(topology.mixing_matrix("metropolis"))
+    beta, m = cfg.momentum, torch.zeros_like(W)  # torch SGD's momentum buffers, one row per node
     out = [W.clone()]
     for t in range(REPLAY_STEPS):
         g = torch.stack([_gradient_at(node, W[i]) for i, node in enumerate(nodes)])  # (n, P)
+        if name == "allreduce":
+            g = g.mean(0, keepdim=True).expand_as(g)
+        if beta:  # ALGORITHMS.md, "Momentum for every rule": g_i is replaced by the direction d_i
+            m = g.clone() if t == 0 else beta * m + (1 - cfg.dampening) * g
+            g = g + beta * m if cfg.nesterov else m
         exchange = (t + 1) % K == 0
         if name == "allreduce":
-            W = W - lr * g.mean(0)
+            W = W - lr * g
         elif name == "dsgd":
             W = W - lr * g
             W = Mix @ W if exchange else W

@@ -1,6 +1,7 @@
 """Topology: generators, mixing matrices, colourings and the validation of topology files."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -175,9 +176,39 @@ def test_node_list_is_complete3(tmp_path):
     assert load_topology(write(tmp_path, as_dict)).edges == ((0, 1), (1, 2))
 
 
+def seed(nodes: dict[str, tuple[int | None, object]]) -> dict:
+    """The seed's object shape: {"nodes": {name: {"device", "round", "edges"}}}, round None = absent."""
+    return {"nodes": {name: {"device": "cuda", **({} if r is None else {"round": r}), "edges": edges}
+                      for name, (r, edges) in nodes.items()}}
+
+
+def test_seed_object_shape_ranks_round_and_slots(tmp_path, caplog):
+    # names in file order, not sorted: zed is rank 0; slots are per direction
+    data = seed({"zed": (4, {"amy": 3, "bob": 0}), "amy": (4, {"zed": 1, "bob": 2}), "bob": (4, {"amy": 3, "zed": 0})})
+    with caplog.at_level(logging.INFO, logger="p2p"):
+        t = load_topology(write(tmp_path, data))
+    assert t.n == 3 and t.edges == ((0, 1), (0, 2), (1, 2)) and t.round == 4
+    assert t.slots == {(0, 1): 3, (0, 2): 0, (1, 0): 1, (1, 2): 2, (2, 1): 3, (2, 0): 0}
+    assert 'its "device" entries are ignored' in caplog.text
+    assert "ranks in file order: zed = 0, amy = 1, bob = 2" in caplog.text
+    # without a round, an object's values are not slots and the list of names works as before
+    plain = load_topology(write(tmp_path, {"nodes": {"a": {"edges": {"b": 7}}, "b": {"edges": ["a"]}}}))
+    assert plain.edges == ((0, 1),) and plain.round is None and plain.slots is None
+
+
+def test_the_seeds_3_node_file(tmp_path):
+    t = load_topology(ROOT / "topologies/seed_n3_ring.json")
+    assert t.edges == generate("ring", 3).edges and t.round == 10
+    assert t.slots == {(0, 2): 0, (0, 1): 4, (1, 0): 1, (1, 2): 5, (2, 1): 2, (2, 0): 6}
+    t.save(tmp_path / "t.json")  # runs/<name>/topology.json keeps the schedule
+    again = load_topology(tmp_path / "t.json")
+    assert (again.n, again.edges, again.round, again.slots) == (t.n, t.edges, t.round, t.slots)
+    assert json.loads((tmp_path / "t.json").read_text())["slots"][:2] == [[0, 1, 4], [0, 2, 0]]
+
+
 BAD = [
     ("not json {", "is not valid JSON"),
-    ([1, 2], 'expected {"n": ..., "edges": \\[...\\]} or {"nodes": \\[...\\]}'),
+    ([1, 2], 'expected {"n": ..., "edges": \\[...\\]} or {"nodes": ...}'),
     ({"n": 3, "edges": [[0, 1], [1, 2]], "extra": 1}, "unknown field\\(s\\) \\['extra'\\]"),
     ({"n": 0, "edges": []}, '"n" must be a positive integer, got 0'),
     ({"n": 3, "edges": [[0, 1, 2]]}, "edge \\[0, 1, 2\\] is not an \\[i, j\\] pair"),
@@ -194,7 +225,35 @@ BAD = [
     (node_list({"A": ["B"], "B": ["A", "DAVE"]}), "node B lists unknown neighbour 'DAVE'"),
     (node_list({"A": ["A", "B"], "B": ["A"]}), "self-loop on node A"),
     (node_list({"A": ["B"], "B": ["A"], "C": []}), "is not connected: nodes \\[2\\] cannot reach node 0"),
-    ({"nodes": [{"addr": "localhost"}]}, '"nodes" must be a non-empty list of objects with a "name" string'),
+    ({"nodes": [{"addr": "localhost"}]},
+     '"nodes" must be an object keyed by node name or a non-empty list of objects with a "name" string'),
+    ({"nodes": {}}, '"nodes" must be an object keyed by node name or a non-empty list'),
+    # the seed's object shape: a round shared by all nodes, one slot in 0..round-1 per edge and end
+    (seed({"a": (10, {"b": 0}), "b": (8, {"a": 1})}), 'nodes disagree on "round": a has 10, b has 8'),
+    (seed({"a": (10, {"b": 0}), "b": (None, {"a": 1})}), 'nodes disagree on "round": a has 10, b has none'),
+    (seed({"a": (0, {"b": 0}), "b": (0, {"a": 1})}), 'node a: "round" \\(local steps per round, K\\) must be a '
+                                                      'positive integer, got 0'),
+    (seed({"a": (4, {"b": 4}), "b": (4, {"a": 1})}), "node a's slot for b is 4; a slot is an integer in 0..3 "
+                                                      "\\(round 4\\)"),
+    (seed({"a": (4, {"b": -1}), "b": (4, {"a": 1})}), "node a's slot for b is -1; a slot is an integer in 0..3"),
+    (seed({"a": (4, {"b": 1.5}), "b": (4, {"a": 1})}), "node a's slot for b is 1.5; a slot is an integer"),
+    (seed({"a": (4, {"b": True}), "b": (4, {"a": 1})}), "node a's slot for b is True; a slot is an integer"),
+    (seed({"a": (4, ["b"]), "b": (4, {"a": 1})}), 'node a: with "round", "edges" must map each neighbour to its slot'),
+    (seed({"a": (4, {"b": 0}), "b": (4, {}), "c": (4, {})}), "not symmetric: a lists b but b does not list a"),
+    ('{"nodes": {"a": {"edges": ["b"]}, "b": {"edges": ["a"]}, "a": {"edges": []}}}', "key 'a' appears twice"),
+    ({"nodes": {"a": {"round": 3, "edges": {"b": 0}}, "b": {"round": 3, "edges": {"a": 1}}, "c": {"round": 3}}},
+     "is not connected: nodes \\[2\\] cannot reach node 0"),
+    # our format's optional schedule
+    ({"n": 2, "edges": [[0, 1]], "slots": [[0, 1, 0], [1, 0, 0]]}, '"slots" needs "round"'),
+    ({"n": 2, "edges": [[0, 1]], "round": 2.5}, '"round" \\(local steps per round, K\\) must be a positive integer'),
+    ({"n": 3, "edges": [[0, 1], [1, 2]], "round": 2, "slots": [[0, 2, 0]]}, "slot \\[0, 2, 0\\] is on \\(0, 2\\), "
+                                                                          "which is not an edge"),
+    ({"n": 2, "edges": [[0, 1]], "round": 2, "slots": [[0, 1, 2], [1, 0, 0]]},
+     "the slot of node 0 for neighbour 1 is 2; a slot is an integer in 0..1"),
+    ({"n": 2, "edges": [[0, 1]], "round": 2, "slots": [[0, 1, 0], [0, 1, 1], [1, 0, 0]]},
+     "node 0 has two slots for neighbour 1: 0 and 1"),
+    ({"n": 2, "edges": [[0, 1]], "round": 2, "slots": [[0, 1, 0]]},
+     "node 1 has no slot for neighbour 0 \\(1 directed edges lack one\\)"),
 ]
 
 
@@ -227,6 +286,25 @@ def test_build_topology(tmp_path):
 
 
 # --- shipped files and CLI ----------------------------------------------------------------------------------------
+
+
+def test_every_shipped_file_loads():
+    files = sorted((ROOT / "topologies").glob("*.json"))
+    assert len(files) >= 8
+    for path in files:
+        t = load_topology(path)
+        assert t.n >= 3 and len(t.edges) >= t.n - 1, path
+
+
+@pytest.mark.parametrize("name,offsets", [("seed_n8_ring_round8", (1,)), ("seed_n8_doublering_round8", (1, 2))])
+def test_the_seeds_8_node_files(name, offsets):
+    t = load_topology(ROOT / "topologies" / f"{name}.json")
+    assert t.n == 8 and t.round == 8
+    assert t.edges == tuple(sorted({tuple(sorted((i, (i + o) % 8))) for i in range(8) for o in offsets}))
+    assert degrees(t) == [2 * len(offsets)] * 8
+    for i in range(8):  # one slot per neighbour, all different within a node
+        mine = [s for (a, _), s in t.slots.items() if a == i]
+        assert len(mine) == t.degree(i) and len(set(mine)) == len(mine) and all(0 <= s < 8 for s in mine)
 
 
 def test_shipped_files():

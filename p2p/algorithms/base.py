@@ -71,6 +71,46 @@ class Algorithm:
         pass
 
 
+class MomentumDirection:
+    """d_i from g_i exactly as torch.optim.SGD computes its step direction, for the rules whose primal
+    update is not a torch optimizer step (the primal-dual family, cadmm):
+
+        g ← g + weight_decay·w;   m ← β m + (1 − dampening) g   (m = g at the first step)
+        d = g + β m  (nesterov)   or   d = m
+
+    At a fixed point m is constant, so d ∝ g with the same factor on every node and Σ_i d_i = 0 ⇔
+    Σ_i g_i = 0: the exact optimum is kept. With β = 0 and no weight decay, d = g (no copy).
+    Decision (the spec names momentum, dampening and nesterov): weight_decay is applied here too, as
+    torch does, so every torch SGD knob means the same for every rule.
+    """
+
+    def __init__(self, cfg: AlgorithmConfig, like: torch.Tensor):
+        self.beta, self.dampening, self.nesterov, self.weight_decay = (
+            cfg.momentum, cfg.dampening, cfg.nesterov, cfg.weight_decay)
+        self.m = torch.zeros_like(like) if self.beta else None  # m_i, the momentum buffer
+        self.started = False  # torch's "buffer is None": m = g at the first step
+
+    def __call__(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.weight_decay:
+            g = g.add(w, alpha=self.weight_decay)
+        if self.m is None:
+            return g
+        if self.started:
+            self.m.mul_(self.beta).add_(g, alpha=1 - self.dampening)
+        else:
+            self.m.copy_(g)
+            self.started = True
+        return g.add(self.m, alpha=self.beta) if self.nesterov else self.m
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "started": self.started} if self.m is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.m is not None:
+            self.m.copy_(state["m"])
+            self.started = state["started"]
+
+
 def make_optimizer(flat: FlatParams, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
     """The local optimizer of the sgd-based rules: exactly torch's SGD (or Adam for local/allreduce)."""
     if cfg.optimizer == "adam":

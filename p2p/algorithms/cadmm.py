@@ -3,13 +3,14 @@ DLM (Ling et al. 2015)."""
 
 import torch
 
-from p2p.algorithms.base import Algorithm
+from p2p.algorithms.base import Algorithm, MomentumDirection
 
 
 class CADMM(Algorithm):
-    """One dual α_i per node (initially 0) and one message per node, like dsgd. Every step:
+    """One dual α_i per node (initially 0) and one message per node, like dsgd. Every step, with d_i
+    the momentum direction of g_i (torch SGD's; d_i = g_i when momentum = 0, see MomentumDirection):
 
-        w_i ← (w_i/γ_t − g_i − α_i + Σ_j c_ij (w_i + w_j)) / (1/γ_t + 2 Σ_j c_ij)
+        w_i ← (w_i/γ_t − d_i − α_i + Σ_j c_ij (w_i + w_j)) / (1/γ_t + 2 Σ_j c_ij)
 
     At an exchange: send the new w_i to every neighbour, receive every w_j, then
 
@@ -28,14 +29,16 @@ class CADMM(Algorithm):
         k = {j: self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
         self.k = {j: torch.as_tensor(k[j], dtype=w.dtype, device=w.device) for j in self.neighbors}
         self.k_sum = sum(self.k.values())
+        self.direction = MomentumDirection(self.cfg, w)  # d_i from g_i
         self.alpha = torch.zeros_like(w)  # α_i
         self.w_j = {j: w.clone() for j in self.neighbors}  # last received neighbour weights
 
     def step(self, lr: float, exchange: bool) -> None:
-        w, g, k = self.flat.w, self.flat.g, self.k
-        # w ← (w/γ − g − α + Σ_j c_ij (w + w_j)) / (1/γ + 2 Σ_j c_ij), numerator and denominator
+        w, k = self.flat.w, self.k
+        d = self.direction(self.flat.g, w)
+        # w ← (w/γ − d − α + Σ_j c_ij (w + w_j)) / (1/γ + 2 Σ_j c_ij), numerator and denominator
         # multiplied by γ (γ c_ij = k_ij): one temporary, in-place updates
-        numer = torch.add(g, self.alpha).mul_(-lr).add_(w)
+        numer = torch.add(d, self.alpha).mul_(-lr).add_(w)
         for j in self.neighbors:
             numer.addcmul_(k[j], w + self.w_j[j])
         w.copy_(numer.div_(1 + 2 * self.k_sum))
@@ -46,9 +49,10 @@ class CADMM(Algorithm):
             self.alpha.addcmul_(k[j] / lr, w - self.w_j[j])  # α += c_ij (w − w_j)
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "w_j": self.w_j}
+        return {"alpha": self.alpha, "w_j": self.w_j, "momentum": self.direction.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.direction.load_state_dict(state["momentum"])
         self.alpha.copy_(state["alpha"])
         for j in self.neighbors:
             self.w_j[j].copy_(state["w_j"][j])
