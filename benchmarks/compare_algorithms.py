@@ -2,6 +2,8 @@
 
     python benchmarks/compare_algorithms.py                      # 9 algorithms x 2 partitions
     python benchmarks/compare_algorithms.py --algorithms dsgd pdmm --partitions dirichlet
+    python benchmarks/compare_algorithms.py --partitions classes --out runs/compare_b0 -- \
+        --algorithm.momentum 0 --algorithm.lr 0.3                 # the β = 0 table
 
 Each row is one torchrun launch of configs/compare_digits.toml; results are read from the run's CSVs.
 """
@@ -15,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +44,8 @@ def summarize(out: Path) -> dict[str, float]:
     return {"mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs),
             "avg_model": float(last[0]["avg_test_acc"]), "consensus": float(last[0]["consensus_dist"]),
             "mb_sent": sum(float(r["bytes_sent"]) for r in last) / len(last) / 1e6,
-            "train_s": max(float(r["wall_s"]) for r in last)}
+            "train_s": max(float(r["wall_s"]) for r in last),
+            "K": tomllib.loads((out / "config.toml").read_text())["algorithm"]["interval"]}
 
 
 def main() -> None:
@@ -52,16 +56,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("extra", nargs="*", help="config overrides passed to every run, after --")
     args = parser.parse_args()
-    print("| partition | algorithm | node test acc mean [min, max] | averaged-model acc | consensus dist "
+    print("| partition | algorithm | K | node test acc mean [min, max] | averaged-model acc | consensus dist "
           "| MB sent / node | train s | launch s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for partition in args.partitions:
         for algorithm in args.algorithms:
             out = args.out / f"{algorithm}_{partition}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run per row
             launch_s = run(algorithm, partition, args.nproc, out, args.extra)
             s = summarize(out)
-            print(f"| {partition} | {algorithm} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
+            print(f"| {partition} | {algorithm} | {s['K']} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
                   f"{s['avg_model']:.3f} | {s['consensus']:.2e} | {s['mb_sent']:.1f} | {s['train_s']:.0f} "
                   f"| {launch_s:.0f} |", flush=True)
 

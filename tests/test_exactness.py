@@ -127,7 +127,8 @@ def _run(comm, topology: Topology, fields: dict, x, y, steps: int, stop_at_tol: 
             if stop_at_tol and max(trace[-1]) <= TOL:  # the same decision on every rank
                 break
     return {"steps": step + 1, "exchanges": (step + 1) // cfg.interval, "trace": trace, "w": torch.stack(first_steps),
-            "bytes": comm.bytes_sent - bytes_before, "degree": topology.degree(comm.rank), "P": flat.w.numel()}
+            "bytes": comm.bytes_sent - bytes_before, "degree": topology.degree(comm.rank), "P": flat.w.numel(),
+            "diagnostics": algorithm.diagnostics(cfg.lr)}
 
 
 def _solve_all(comm) -> dict:
@@ -153,6 +154,17 @@ def test_reaches_the_centralized_optimum(runs, label, topology):
     r = runs[0][topology, label]
     grad_F, spread = r["trace"][-1]
     assert grad_F <= TOL and spread <= TOL, (label, topology, r["steps"], r["trace"][-3:])
+
+
+@pytest.mark.parametrize("label", [k for k, v in EXACT.items() if v["name"] in ("pdmm", "admm", "pdmm_isvr", "admm_isvr")])
+def test_at_the_fixed_point_the_duals_cancel_the_gradient_step(runs, label):
+    """penalty_ratio = ‖Σ_j k_ij (A z_ij − w_i)‖ / ‖γ c_g d_i‖ is 1 at a fixed point of the primal step
+    (nesterov's d_i = g_i + β m_i is not the buffer the diagnostic reads, so its ratio is not 1)."""
+    for node in runs:
+        d = node["irregular", label]["diagnostics"]
+        assert d["dual_norm"] > 0
+        if "nesterov" not in label:
+            assert d["penalty_ratio"] == pytest.approx(1, abs=1e-4), (label, d)
 
 
 def _gradient_at(node: tuple, w: torch.Tensor) -> torch.Tensor:
@@ -261,6 +273,19 @@ def test_isvr_with_piw_2_and_interval_1_is_a_config_error(name):
     with pytest.raises(ConfigError, match="--algorithm.piw"):
         _build(name, RING, piw=2.0, interval=1)
     _build(name, RING, piw=2.0, interval=2)  # K ≥ 2 makes it positive again
+
+
+def test_isvr_with_interval_1_warns_and_auto_interval_is_4(caplog):
+    from p2p.trainer import resolve_interval
+    with caplog.at_level(logging.WARNING, logger="p2p.algorithms.primal_dual"):
+        _build("pdmm_isvr", RING, interval=4)
+        assert not caplog.records
+        _build("pdmm_isvr", RING, interval=1)
+    assert any("interval 1" in r.getMessage() and "1/3.0" in r.getMessage() for r in caplog.records)
+    for name, K in [("pdmm_isvr", 4), ("admm_isvr", 4), ("pdmm", 1), ("dsgd", 1)]:
+        cfg = AlgorithmConfig(name=name, interval=0)
+        resolve_interval(cfg, RING)
+        assert cfg.interval == K, name
 
 
 def test_gcoef_on_an_irregular_graph_warns(caplog):

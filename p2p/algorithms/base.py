@@ -70,6 +70,10 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def diagnostics(self, lr: float) -> dict[str, float]:
+        """Scalars worth a CSV column (e.g. how hard duals pull), read from the state after a step."""
+        return {}
+
 
 class MomentumDirection:
     """d_i from g_i exactly as torch.optim.SGD computes its step direction, for the rules whose primal

@@ -70,6 +70,11 @@ class PrimalDual(Algorithm):
                                   f"penalty on degree {max(d.values())}: use interval >= 2 or piw <= 1")
             self.k = {j: piw / (K * d[j] + K - piw * d[j]) for j in self.neighbors}
             self.c_g = 1.0 - sum(self.k.values()) * (K / piw - 1) if cfg.use_gcoef else 1.0
+            if K == 1 and self.rank == 0 and self.neighbors:
+                log.warning("%s with --algorithm.interval 1: the ISVR penalty is then γ c_ij = %.3g per edge, so "
+                            "strong that the network moves at ~1/%.1f of the step (it is built for K > 1 local "
+                            "steps); leave interval unset (K = 4) or set it >= 2",
+                            cfg.name, max(self.k.values()), 1 + sum(self.k.values()))
             if cfg.use_gcoef and not top.is_regular and self.rank == 0:
                 log.warning("use_gcoef on an irregular graph: the fixed point solves Σ_i c_g,i ∇f_i = 0, "
                             "not the true optimum")
@@ -102,6 +107,23 @@ class PrimalDual(Algorithm):
                 z[j].copy_(self.y_in[j])
             else:
                 z[j].mul_(0.5).add_(self.y_in[j], alpha=0.5)
+
+    def diagnostics(self, lr: float) -> dict[str, float]:
+        """How hard the duals pull against the gradient (the measurement that explained ISVR's stall).
+
+        dual_norm = sqrt(Σ_j ‖z_{i|j}‖²). penalty_ratio = ‖Σ_j k_ij (A_{i|j} z_{i|j} − w_i)‖ / ‖γ c_g d_i‖:
+        the two terms of the primal step before its division by 1 + Σ_j k_ij. Near 1 the duals cancel
+        the local step and consensus holds the node; ≪ 1 the nodes barely couple. d_i is the momentum
+        buffer (g_i without momentum; nesterov's extra β g_i is left out).
+        """
+        w = self.flat.w
+        pull = w * -self.k_sum
+        for j in self.neighbors:
+            pull.addcmul_(self.kA[j], self.z[j])
+        d = self.direction.m if self.direction.m is not None else self.flat.g
+        step = (lr * abs(self.c_g)) * d.norm().item()
+        return {"dual_norm": sum(z.pow(2).sum() for z in self.z.values()).sqrt().item() if self.z else 0.0,
+                "penalty_ratio": pull.norm().item() / step if step > 0 else 0.0}
 
     def state_dict(self) -> dict:
         return {"z": self.z, "momentum": self.direction.state_dict()}
