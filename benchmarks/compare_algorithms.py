@@ -4,8 +4,9 @@
     python benchmarks/compare_algorithms.py --algorithms dsgd pdmm --partitions dirichlet
     python benchmarks/compare_algorithms.py --partitions classes --out runs/compare_b0 -- \
         --algorithm.momentum 0 --algorithm.lr 0.3                 # the β = 0 table
+    python benchmarks/compare_algorithms.py --config configs/quickstart.toml --nproc 4 --partitions dirichlet
 
-Each row is one torchrun launch of configs/compare_digits.toml; results are read from the run's CSVs.
+Each row is one torchrun launch of configs/compare_digits.toml (or --config); results are read from the run's CSVs.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"]
 
 
-def run(algorithm: str, partition: str, nproc: int, out: Path, extra: list[str]) -> float:
+def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extra: list[str]) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "train.py", "--config", "configs/compare_digits.toml", "--algorithm.name", algorithm,
+           "train.py", "--config", config, "--algorithm.name", algorithm,
            "--data.partition", partition, "--run.dir", str(out), *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
@@ -50,6 +51,7 @@ def summarize(out: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/compare_digits.toml")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--partitions", nargs="+", default=["classes", "dirichlet"])
     parser.add_argument("--nproc", type=int, default=8)
@@ -63,7 +65,7 @@ def main() -> None:
         for algorithm in args.algorithms:
             out = args.out / f"{algorithm}_{partition}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run per row
-            launch_s = run(algorithm, partition, args.nproc, out, args.extra)
+            launch_s = run(args.config, algorithm, partition, args.nproc, out, args.extra)
             s = summarize(out)
             print(f"| {partition} | {algorithm} | {s['K']} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
                   f"{s['avg_model']:.3f} | {s['consensus']:.2e} | {s['mb_sent']:.1f} | {s['train_s']:.0f} "

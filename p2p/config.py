@@ -83,10 +83,10 @@ class AlgorithmConfig:
     name: str = "dsgd"  # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm
     optimizer: str = "sgd"  # sgd | adam (local and allreduce)
     lr: float = 0.05  # learning rate (gamma)
-    momentum: float = 0.0  # SGD momentum (local step of sgd-based algorithms)
+    momentum: float = 0.0  # SGD momentum β, for every rule (primal-dual and cadmm: torch SGD's direction)
     dampening: float = 0.0  # SGD dampening
     nesterov: bool = False  # SGD Nesterov momentum
-    weight_decay: float = 0.0  # torch optimizer weight decay
+    weight_decay: float = 0.0  # torch optimizer weight decay (every rule, applied as torch SGD does)
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
     mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
     interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1 (ISVR: 4)
