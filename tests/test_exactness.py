@@ -275,6 +275,12 @@ def test_isvr_with_piw_2_and_interval_1_is_a_config_error(name):
     _build(name, RING, piw=2.0, interval=2)  # K ≥ 2 makes it positive again
 
 
+def test_cadmm_needs_interval_1():
+    with pytest.raises(ConfigError, match="cadmm needs --algorithm.interval 1"):
+        _build("cadmm", RING, interval=4)
+    _build("cadmm", RING, interval=1)
+
+
 def test_isvr_with_interval_1_warns_and_auto_interval_is_4(caplog):
     from p2p.trainer import resolve_interval
     with caplog.at_level(logging.WARNING, logger="p2p.algorithms.primal_dual"):

@@ -26,7 +26,30 @@ def test_config_loads_and_its_topology_exists(path, monkeypatch):
     if path.parent.name == "seed":  # the seed's published set-up, exactly
         assert (cfg.data.name, cfg.model.name, cfg.topology.path) == ("cifar10", "resnet50", "topologies/complete3.json")
         assert (cfg.data.classes_per_node, cfg.data.class_shift, cfg.data.data_seed) == (8, 4, 11)
-        assert (cfg.algorithm.lr, cfg.algorithm.l2_lambda, cfg.algorithm.interval) == (0.002, 0.01, 10)
+        K = 1 if cfg.algorithm.name == "cadmm" else 10  # cadmm needs K = 1 (p2p/algorithms/cadmm.py)
+        assert (cfg.algorithm.lr, cfg.algorithm.l2_lambda, cfg.algorithm.interval) == (0.002, 0.01, K)
         assert (cfg.train.epochs, cfg.train.scheduler, cfg.train.step_size, cfg.train.gamma) == (200, "step", 410, 0.9)
         assert (cfg.model.group_channels, cfg.model.drop_rate, cfg.model.last_drop_rate) == (32, 0.1, 0.5)
         assert (cfg.data.batch_size, cfg.data.samples_per_epoch) == (100, 10000)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("name", ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"])
+def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
+    """`--algorithm.name X` on any shipped config builds (the checks that fire before the first
+    collective: ISVR's penalty sign, cadmm's K = 1), with K resolved as train.py resolves it."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from p2p.algorithms import FlatParams, build_algorithm
+    from p2p.topology import build_topology, generate
+    from p2p.trainer import resolve_interval
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(["--config", str(path), "--algorithm.name", name])
+    topology = build_topology(cfg.topology, load_topology(cfg.topology.path).n) if cfg.topology.path else generate("ring", 4)
+    resolve_interval(cfg.algorithm, topology)
+    if name == "cadmm" and cfg.algorithm.interval != 1:
+        pytest.skip(f"{path.name} sets interval {cfg.algorithm.interval}: cadmm refuses it with a one-line error")
+    build_algorithm(FlatParams(nn.Linear(3, 2)), cfg.algorithm, topology, SimpleNamespace(rank=0))

@@ -4,6 +4,7 @@ DLM (Ling et al. 2015)."""
 import torch
 
 from p2p.algorithms.base import Algorithm, MomentumDirection
+from p2p.config import ConfigError
 
 
 class CADMM(Algorithm):
@@ -19,10 +20,19 @@ class CADMM(Algorithm):
     with the symmetric penalty of pdmm, c_ij = (η/γ_t) v_p / max(d_i, d_j). Σ_i α_i stays 0, so at
     a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
     common starting weights).
+
+    Decision (the spec is silent on K > 1): K must be 1. Between exchanges the primal step keeps
+    pulling towards neighbour copies up to K − 1 steps old — the staleness for which the spec already
+    forbids cadmm in overlap/async — and it diverged on the digits CNN (8-node ring, compare_digits:
+    K = 4 ended with consensus distance 1e29 with and without momentum; K = 2 learned, 0.899 vs 0.925
+    at K = 1). pdmm at K = 4 is stable (0.920).
     """
 
     def __init__(self, *args):
         super().__init__(*args)
+        if self.cfg.interval != 1:
+            raise ConfigError(f"cadmm needs --algorithm.interval 1 (got {self.cfg.interval}): with stale neighbour "
+                              f"copies between exchanges it diverges; use pdmm for K > 1")
         w, top = self.flat.w, self.topology
         v = self.flat.fan_in() if self.cfg.penalty_scale == "fan_in" else 1.0
         d_i = top.degree(self.rank) if top.n > 1 else 0
