@@ -22,7 +22,8 @@ import numpy as np
 from p2p.config import ConfigError, TopologyConfig
 from p2p.topology_files import is_int, read_topology_file
 
-GENERATORS = ("ring", "torus", "complete", "star", "exponential", "random_regular")
+GENERATORS = ("ring", "torus", "complete", "star", "exponential", "random_regular", "one_peer_hypercube",
+              "exponential_schedule")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Topology:
     # exchange with j. Kept for the async mode and time-varying graphs; None when the file has none.
     round: int | None = None
     slots: dict[tuple[int, int], int] | None = field(default=None, hash=False)
+    # A time-varying graph: round r exchanges over the edges schedule[r mod len(schedule)] only; `edges` is
+    # their union (neighbours and degrees are those of the union). None for a static graph.
+    schedule: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
     @cached_property
     def _adjacency(self) -> list[list[int]]:
@@ -56,30 +60,57 @@ class Topology:
     def is_regular(self) -> bool:
         return len({self.degree(i) for i in range(self.n)}) <= 1
 
-    def mixing_matrix(self, kind: str) -> np.ndarray:
+    def active(self, r: int) -> tuple[tuple[int, int], ...]:
+        """The edges that exchange in round r: graph r mod len(schedule) of a time-varying graph, else every edge
+        (the seed's slots only say at which step of a round an edge starts its exchange: `slot_edges`)."""
+        return self.schedule[r % len(self.schedule)] if self.schedule is not None else self.edges
+
+    def slot_edges(self, step: int) -> tuple[tuple[int, int], ...]:
+        """The seed's slots as a schedule of steps: edge (i, j), i < j, is active at the local steps t with
+        t mod round = slots[i, j], the slot of its lower-ranked end, so both ends agree on the step."""
+        if self.slots is None or self.round is None:
+            raise ValueError(f"topology {self.source} has no slots")
+        return tuple(e for e in self.edges if self.slots[e] == step % self.round)
+
+    def mixing_matrix(self, kind: str, edges: tuple[tuple[int, int], ...] | None = None) -> np.ndarray:
         """The (n, n) matrix W of dsgd's combine step w_i <- sum_j W_ij w_j.
 
         metropolis: W_ij = 1/(1 + max(d_i, d_j)), doubly stochastic on any graph.
         uniform:    W_ij = W_ii = 1/(d_i + 1), the seed's rule; doubly stochastic only on regular graphs.
         file:       the per-edge weights of the topology file; W_ii = 1 - sum_j W_ij.
+
+        Args:
+            edges: the graph to mix over, default all edges; `active(r)` gives round r's W of a time-varying
+                graph, with the degrees d_i of that round's graph (file weights: those of its edges).
         """
+        edges = self.edges if edges is None else edges
         W = np.zeros((self.n, self.n))
-        d = [self.degree(i) for i in range(self.n)]
+        d = np.zeros(self.n, dtype=int)
+        for i, j in edges:
+            d[[i, j]] += 1
         if kind == "metropolis":
-            for i, j in self.edges:
+            for i, j in edges:
                 W[i, j] = W[j, i] = 1.0 / (1 + max(d[i], d[j]))
         elif kind == "uniform":
-            for i, j in self.edges:
+            for i, j in edges:
                 W[i, j], W[j, i] = 1.0 / (d[i] + 1), 1.0 / (d[j] + 1)
         elif kind == "file":
             if self.weights is None:
                 raise ConfigError(f"topology {self.source} has no per-edge weights; use --algorithm.mixing metropolis")
-            for (i, j), w in self.weights.items():
-                W[i, j] = W[j, i] = w
+            for i, j in edges:
+                W[i, j] = W[j, i] = self.weights[i, j]
         else:
             raise ValueError(f"unknown mixing {kind!r}; choose metropolis, uniform or file")
         np.fill_diagonal(W, 1.0 - W.sum(axis=1))
         return W
+
+    def period_matrix(self, kind: str = "metropolis") -> np.ndarray:
+        """W_{R-1} ... W_1 W_0, one period of a time-varying graph's per-round mixing (round 0 first; the
+        eigenvalues, hence the spectral gap, do not depend on the starting round). A static graph's W."""
+        P = np.eye(self.n)
+        for graph in self.schedule if self.schedule is not None else (self.edges,):
+            P = self.mixing_matrix(kind, graph) @ P
+        return P
 
     def spectral_gap(self, W: np.ndarray) -> float:
         """1 - |lambda_2|, the second largest eigenvalue modulus: how fast gossip with W mixes."""
@@ -119,13 +150,15 @@ class Topology:
             data["round"] = self.round
         if self.slots is not None:
             data["slots"] = [[i, j, s] for (i, j), s in sorted(self.slots.items())]
+        if self.schedule is not None:
+            data["schedule"] = [{"edges": [list(e) for e in graph]} for graph in self.schedule]
         return data
 
     def dumps(self) -> str:
-        """Our file format, one edge (weight, slot) per line so diffs stay readable."""
+        """Our file format, one edge (weight, slot, schedule round) per line so diffs stay readable."""
         data = self.to_json()
         parts = [f'  "{key}": {data[key]}' for key in ("n", "round") if key in data]
-        for key in ("edges", "weights", "slots"):
+        for key in ("edges", "weights", "slots", "schedule"):
             if key in data:
                 rows = ",\n".join(f"    {json.dumps(row)}" for row in data[key])
                 parts.append(f'  "{key}": [\n{rows}\n  ]' if rows else f'  "{key}": []')
@@ -135,24 +168,40 @@ class Topology:
         Path(path).write_text(self.dumps())
 
     def summary(self, mixing: str) -> str:
+        """One log line; for a time-varying graph the per-round degrees and the gap of one period's product of
+        per-round Metropolis matrices (what dsgd mixes with), as the union's own gap says little."""
         degrees = [self.degree(i) for i in range(self.n)]
-        gap = self.spectral_gap(self.mixing_matrix(mixing))
         rounds = f", round {self.round}" if self.round is not None else ""
-        return (f"topology {self.source}: {self.n} nodes, {len(self.edges)} edges, "
-                f"degree {min(degrees)}..{max(degrees)}, spectral gap {gap:.4f} ({mixing} mixing){rounds}")
+        head = f"topology {self.source}: {self.n} nodes, {len(self.edges)} edges, degree {min(degrees)}..{max(degrees)}"
+        if self.schedule is None:
+            gap = self.spectral_gap(self.mixing_matrix(mixing))
+            return f"{head}, spectral gap {gap:.4f} ({mixing} mixing){rounds}"
+        per_round = [np.bincount(np.array(graph, dtype=int).ravel(), minlength=self.n) for graph in self.schedule]
+        lo, hi = min(int(d.min()) for d in per_round), max(int(d.max()) for d in per_round)
+        gap = self.spectral_gap(self.period_matrix("metropolis"))
+        return (f"{head} in the union; schedule of {len(self.schedule)} rounds, degree {lo}..{hi} per round, "
+                f"gap of the period product {gap:.4f} (metropolis mixing per round){rounds}")
+
+
+def _norm(edges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Each edge as (i, j) with i < j, sorted, duplicates merged."""
+    return tuple(sorted({(min(i, j), max(i, j)) for i, j in edges}))
 
 
 def _make(n: int, edges: list[tuple[int, int]], source: str, weights: dict | None = None,
-          round: int | None = None, slots: dict | None = None) -> Topology:
-    """Normalise the edges (i < j, sorted, merged) and refuse a disconnected graph."""
-    norm = tuple(sorted({(min(i, j), max(i, j)) for i, j in edges}))
+          round: int | None = None, slots: dict | None = None,
+          schedule: list[list[tuple[int, int]]] | None = None) -> Topology:
+    """Normalise the edges and refuse a disconnected graph (for a schedule: a disconnected union; a single
+    round's graph may be disconnected)."""
+    norm = _norm(edges)
     G = nx.Graph()
     G.add_nodes_from(range(n))
     G.add_edges_from(norm)
     if not nx.is_connected(G):
         cut = sorted(set(range(n)) - nx.node_connected_component(G, 0))
         raise ConfigError(f"topology {source} is not connected: nodes {cut[:10]} cannot reach node 0")
-    return Topology(n=n, edges=norm, weights=weights, source=source, round=round, slots=slots)
+    return Topology(n=n, edges=norm, weights=weights, source=source, round=round, slots=slots,
+                    schedule=tuple(_norm(graph) for graph in schedule) if schedule is not None else None)
 
 
 def _relabel(G: nx.Graph) -> list[tuple[int, int]]:
@@ -180,6 +229,8 @@ def generate(name: str, n: int, degree: int = 3, seed: int = 0) -> Topology:
         edges = [(0, i) for i in range(1, n)]
     elif name == "exponential":
         edges = [(i, (i + 2**k) % n) for i in range(n) for k in range(n.bit_length()) if 2**k < n]
+    elif name in ("one_peer_hypercube", "exponential_schedule"):
+        return _time_varying(name, n)
     else:  # random_regular
         source = f"random_regular(n={n}, degree={degree}, seed={seed})"
         if not 1 <= degree < n or n * degree % 2:
@@ -196,6 +247,29 @@ def generate(name: str, n: int, degree: int = 3, seed: int = 0) -> Topology:
 
 
 
+def _time_varying(name: str, n: int) -> Topology:
+    """one_peer_hypercube: round r pairs i with i XOR 2^(r mod log2 n) (n a power of two), so pairwise
+    averaging averages the network exactly in log2 n rounds. exponential_schedule: round r links
+    i <-> i +- 2^(r mod ceil(log2 n)) mod n, at most two peers per round, any n >= 2."""
+    periods = (n - 1).bit_length()  # ceil(log2 n)
+    if name == "one_peer_hypercube":
+        if n < 2 or n & (n - 1):
+            raise ConfigError(f"--topology.n: one_peer_hypercube needs a power of two >= 2 nodes, got {n}")
+        rounds = [[(i, i ^ 2**k) for i in range(n)] for k in range(periods)]
+    else:
+        if n < 2:
+            raise ConfigError(f"--topology.n: exponential_schedule needs at least 2 nodes, got {n}")
+        rounds = [[(i, (i + 2**k) % n) for i in range(n)] for k in range(periods)]  # i - 2^k: the same pairs
+    return _make(n, [e for graph in rounds for e in graph], f"{name}(n={n})", schedule=rounds)
+
+
+def require_static(topology: Topology) -> None:
+    """Until the exchange rules use `active(r)`, a time-varying graph must not silently run as its union."""
+    if topology.schedule is not None:
+        raise ConfigError(f"topology {topology.source}: time-varying topologies (schedule) are not used by the "
+                          f"algorithms yet; pick a static topology")
+
+
 def load_topology(path: str | Path) -> Topology:
     """Read our JSON format or the seed's node_list.json; every problem is a one-line ConfigError."""
     return _make(**read_topology_file(path))
@@ -207,6 +281,7 @@ def build_topology(cfg: TopologyConfig, world_size: int) -> Topology:
     if topo.n != world_size:
         raise ConfigError(f"topology {topo.source} has {topo.n} nodes but the world size is {world_size}: "
                           f"launch with --nproc_per_node {topo.n} or pick another topology")
+    require_static(topo)  # remove when the algorithms use schedules
     return topo
 
 

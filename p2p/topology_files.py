@@ -24,15 +24,33 @@ def is_int(x: object) -> bool:
 
 
 def _load_ours(data: dict, where: str, source: str) -> dict:
-    """{"n": 4, "edges": [[0, 1], ...], "weights": [[0, 1, 0.33], ...], "round": 8, "slots": [[0, 1, 3], ...]};
-    everything but n and edges optional; duplicate edges merge."""
-    unknown = set(data) - {"n", "edges", "weights", "round", "slots"}
+    """{"n": 4, "edges": [[0, 1], ...], "weights": [[0, 1, 0.33], ...], "round": 8, "slots": [[0, 1, 3], ...]},
+    or a time-varying graph {"n": 4, "schedule": [{"edges": [[0, 1], [2, 3]]}, {"edges": [[0, 2], ...]}, ...]}
+    whose union is the graph ("edges", if given too, must be that union). Everything but n and edges (or
+    schedule) optional; duplicate edges merge."""
+    unknown = set(data) - {"n", "edges", "weights", "round", "slots", "schedule"}
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected n, edges and optional weights, "
-                          f"round, slots")
-    n, raw = data.get("n"), data.get("edges")
+                          f"round, slots, schedule")
+    n = data.get("n")
     if not is_int(n) or n < 1:
         raise ConfigError(f'{where}: "n" must be a positive integer, got {n!r}')
+    schedule = _read_rounds(data["schedule"], n, where) if "schedule" in data else None
+    if schedule is not None and "slots" in data:
+        raise ConfigError(f'{where}: "schedule" and "slots" both say when edges are active; keep one')
+    union = sorted({e for graph in schedule for e in graph}) if schedule is not None else None
+    edges = _read_edges(data["edges"], n, where) if "edges" in data else union
+    if union is not None and set(edges) != set(union):
+        i, j = sorted(set(edges) ^ set(union))[0]
+        where_not = '"schedule"' if (i, j) in edges else '"edges"'
+        raise ConfigError(f'{where}: edge [{i}, {j}] is not in {where_not}; "edges" must be the union of the rounds')
+    weights = _read_weights(data, set(edges), n, where) if "weights" in data else None
+    round_, slots = _read_slots(data, set(edges), where)
+    return dict(n=n, edges=edges, source=source, weights=weights, round=round_, slots=slots, schedule=schedule)
+
+
+def _read_edges(raw: object, n: int, where: str) -> list[tuple[int, int]]:
+    """A list of [i, j] pairs as (min, max) tuples: in range, no self-loops."""
     if not isinstance(raw, list):
         raise ConfigError(f'{where}: "edges" must be a list of [i, j] pairs')
     edges = []
@@ -45,9 +63,21 @@ def _load_ours(data: dict, where: str, source: str) -> dict:
         if i == j:
             raise ConfigError(f"{where}: self-loop {e} on node {i}")
         edges.append((min(i, j), max(i, j)))
-    weights = _read_weights(data, set(edges), n, where) if "weights" in data else None
-    round_, slots = _read_schedule(data, set(edges), where)
-    return dict(n=n, edges=edges, source=source, weights=weights, round=round_, slots=slots)
+    return edges
+
+
+def _read_rounds(raw: object, n: int, where: str) -> list[list[tuple[int, int]]]:
+    """Our format's "schedule": a non-empty list of {"edges": [...]}, round r using graph r mod its length.
+    A round's graph may be disconnected or empty; the union must be connected (checked when built)."""
+    if not (isinstance(raw, list) and raw and all(isinstance(g, dict) for g in raw)):
+        raise ConfigError(f'{where}: "schedule" must be a non-empty list of {{"edges": [[i, j], ...]}} objects')
+    rounds = []
+    for r, graph in enumerate(raw):
+        if set(graph) != {"edges"}:
+            raise ConfigError(f'{where}: schedule round {r} must be {{"edges": [[i, j], ...]}}, '
+                              f'got keys {sorted(graph)}')
+        rounds.append(_read_edges(graph["edges"], n, f"{where}: schedule round {r}"))
+    return rounds
 
 
 def _read_weights(data: dict, edge_set: set[tuple[int, int]], n: int, where: str) -> dict[tuple[int, int], float]:
@@ -92,7 +122,7 @@ def _check_slot(slot: object, round_: int, what: str, where: str) -> int:
     return slot
 
 
-def _read_schedule(data: dict, edge_set: set[tuple[int, int]], where: str) -> tuple[int | None, dict | None]:
+def _read_slots(data: dict, edge_set: set[tuple[int, int]], where: str) -> tuple[int | None, dict | None]:
     """Our format's optional "round" and "slots" ([i, j, slot] per directed edge, all of them or none)."""
     if "round" not in data:
         if "slots" in data:
@@ -193,7 +223,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 def read_topology_file(path: str | Path) -> dict:
     """The checked fields of our JSON format or the seed's node_list.json, as keyword arguments of
-    `p2p.topology._make` (n, edges, source and optional weights, round, slots)."""
+    `p2p.topology._make` (n, edges, source and optional weights, round, slots, schedule)."""
     where = f"topology file {path}"
     if not Path(path).is_file():
         raise ConfigError(f"{where} not found")
@@ -205,7 +235,7 @@ def read_topology_file(path: str | Path) -> dict:
         raise ConfigError(f"{where}: {e}") from None
     if isinstance(data, dict) and "nodes" in data:
         return _load_node_list(data, where, str(path))
-    if isinstance(data, dict) and "edges" in data:
+    if isinstance(data, dict) and ("edges" in data or "schedule" in data):
         return _load_ours(data, where, str(path))
     raise ConfigError(f'{where}: expected {{"n": ..., "edges": [...]}} or {{"nodes": ...}}')
 
