@@ -146,7 +146,8 @@ CHOICES: dict[str, tuple] = {
     "data.name": ("digits", "mnist", "fashionmnist", "cifar10"),
     "data.partition": ("iid", "dirichlet", "classes"),
     "model.name": ("logistic", "mlp", "cnn", "resnet50"),
-    "topology.name": ("ring", "torus", "complete", "star", "exponential", "random_regular"),
+    "topology.name": ("ring", "torus", "complete", "star", "exponential", "random_regular", "one_peer_hypercube",
+                      "exponential_schedule"),
     "algorithm.name": (
         "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm",
     ),

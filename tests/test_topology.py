@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from p2p.config import ConfigError, TopologyConfig
-from p2p.topology import Topology, build_topology, generate, load_topology
+from p2p.topology import Topology, build_topology, generate, load_topology, main, require_static
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,6 +126,114 @@ def test_file_mixing(tmp_path):
 def test_summary():
     s = generate("ring", 4).summary("metropolis")
     assert s == "topology ring(n=4): 4 nodes, 4 edges, degree 2..2, spectral gap 0.6667 (metropolis mixing)"
+
+
+# --- time-varying graphs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_one_peer_hypercube_rounds_are_perfect_matchings(n):
+    t = generate("one_peer_hypercube", n)
+    assert len(t.schedule) == n.bit_length() - 1  # log2 n rounds
+    for k, graph in enumerate(t.schedule):
+        assert sorted(v for e in graph for v in e) == list(range(n))  # every node exactly once
+        assert all(j == i ^ 2**k for i, j in graph)
+    assert t.edges == tuple(sorted({e for g in t.schedule for e in g}))
+    assert degrees(t) == [n.bit_length() - 1] * n  # the union is the hypercube
+    assert [t.active(r) for r in range(5)] == [t.schedule[r % len(t.schedule)] for r in range(5)]
+
+
+@pytest.mark.parametrize("n", range(2, 18))
+def test_exponential_schedule_at_most_two_peers(n):
+    t = generate("exponential_schedule", n)  # the union is connected, or generate would have refused it
+    assert len(t.schedule) == math.ceil(math.log2(n))
+    for graph in t.schedule:
+        assert max(np.bincount(np.ravel(graph), minlength=n)) <= 2
+    assert t.edges == generate("exponential", n).edges  # offsets +-2^k, k < ceil(log2 n)
+
+
+def test_time_varying_generator_errors():
+    with pytest.raises(ConfigError, match="^--topology.n: one_peer_hypercube needs a power of two >= 2 nodes, got 6$"):
+        generate("one_peer_hypercube", 6)
+    with pytest.raises(ConfigError, match="one_peer_hypercube needs a power of two >= 2 nodes, got 1"):
+        generate("one_peer_hypercube", 1)
+    with pytest.raises(ConfigError, match="^--topology.n: exponential_schedule needs at least 2 nodes, got 1$"):
+        generate("exponential_schedule", 1)
+
+
+def test_one_peer_hypercube_averages_exactly_in_log2_n_rounds():
+    """Pairwise averaging, W_r = (I + P_r)/2, the Metropolis matrix of a perfect matching: any 3 consecutive
+    rounds on 8 nodes average the network exactly."""
+    t = generate("one_peer_hypercube", 8)
+    for graph in t.schedule:
+        W = t.mixing_matrix("metropolis", graph)
+        P = np.zeros((8, 8))  # the matching's permutation
+        for i, j in graph:
+            P[i, j] = P[j, i] = 1
+        np.testing.assert_allclose(W, (np.eye(8) + P) / 2, atol=0)
+    x = np.random.default_rng(0).normal(size=(8, 5))
+    for start in range(3):
+        y = x.copy()
+        for r in range(start, start + 3):
+            y = t.mixing_matrix("metropolis", t.active(r)) @ y
+        np.testing.assert_allclose(y, np.tile(x.mean(axis=0), (8, 1)), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(t.period_matrix(), np.full((8, 8), 1 / 8), atol=1e-12, rtol=0)
+    assert t.spectral_gap(t.period_matrix()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_round_mixing_is_doubly_stochastic_on_its_edges():
+    t = generate("exponential_schedule", 6)
+    for graph in t.schedule:
+        W = t.mixing_matrix("metropolis", graph)
+        np.testing.assert_allclose(W.sum(axis=0), np.ones(6))
+        np.testing.assert_allclose(W, W.T)
+        assert {(i, j) for i, j in zip(*np.nonzero(W)) if i < j} == set(graph)
+    static = generate("ring", 5)
+    assert static.active(7) == static.edges and static.schedule is None
+    np.testing.assert_array_equal(static.period_matrix(), static.mixing_matrix("metropolis"))
+
+
+def test_file_weights_of_one_round(tmp_path):
+    path = write(tmp_path, {"n": 3, "schedule": [{"edges": [[0, 1]]}, {"edges": [[1, 2], [0, 1]]}],
+                            "weights": [[0, 1, 0.5], [1, 2, 0.25]]})
+    t = load_topology(path)
+    assert t.edges == ((0, 1), (1, 2)) and t.schedule == (((0, 1),), ((0, 1), (1, 2)))  # edges: the union
+    np.testing.assert_allclose(t.mixing_matrix("file", t.active(0)), [[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]])
+    np.testing.assert_allclose(t.mixing_matrix("file", t.active(1)), t.mixing_matrix("file"))
+
+
+def test_slot_edges_follow_the_lower_ranked_end():
+    t = load_topology(ROOT / "topologies/seed_n3_ring.json")  # round 10, slots (0,1): 4, (0,2): 0, (1,2): 5
+    assert [t.slot_edges(s) for s in (0, 4, 5, 1, 10, 14)] == [((0, 2),), ((0, 1),), ((1, 2),), (), ((0, 2),),
+                                                                ((0, 1),)]
+    assert sorted(e for s in range(10) for e in t.slot_edges(s)) == list(t.edges)  # once per round each
+    assert t.active(3) == t.edges
+    with pytest.raises(ValueError, match="has no slots"):
+        generate("ring", 4).slot_edges(0)
+
+
+def test_schedule_summary_save_and_cli(tmp_path):
+    t = generate("one_peer_hypercube", 8)
+    assert t.summary("metropolis") == (
+        "topology one_peer_hypercube(n=8): 8 nodes, 12 edges, degree 3..3 in the union; schedule of 3 rounds, "
+        "degree 1..1 per round, gap of the period product 1.0000 (metropolis mixing per round)")
+    t.save(tmp_path / "h.json")
+    again = load_topology(tmp_path / "h.json")
+    assert (again.n, again.edges, again.schedule) == (t.n, t.edges, t.schedule)
+    assert json.loads((tmp_path / "h.json").read_text())["schedule"][0] == {"edges": [[0, 1], [2, 3], [4, 5], [6, 7]]}
+    main(["exponential_schedule", "6", "-o", str(tmp_path / "e.json")])
+    e, loaded = generate("exponential_schedule", 6), load_topology(tmp_path / "e.json")
+    assert (loaded.n, loaded.edges, loaded.schedule) == (e.n, e.edges, e.schedule)
+    # without "edges" the union is the graph
+    data = {"n": 4, "schedule": [{"edges": [[0, 1], [2, 3]]}, {"edges": [[1, 2]]}]}
+    assert load_topology(write(tmp_path, data)).edges == ((0, 1), (1, 2), (2, 3))
+
+
+def test_build_topology_refuses_schedules_until_the_algorithms_use_them():
+    with pytest.raises(ConfigError, match="^topology one_peer_hypercube\\(n=8\\): time-varying topologies "
+                                          "\\(schedule\\) are not used by the algorithms yet"):
+        build_topology(TopologyConfig(name="one_peer_hypercube"), 8)
+    require_static(generate("ring", 4))  # static graphs pass
 
 
 # --- signs and matchings ------------------------------------------------------------------------------------------
@@ -254,6 +363,22 @@ BAD = [
      "node 0 has two slots for neighbour 1: 0 and 1"),
     ({"n": 2, "edges": [[0, 1]], "round": 2, "slots": [[0, 1, 0]]},
      "node 1 has no slot for neighbour 0 \\(1 directed edges lack one\\)"),
+    # our format's time-varying graphs
+    ({"n": 4, "schedule": [{"edges": [[0, 1]]}, {"edges": [[2, 3]]}]}, "not connected: nodes \\[2, 3\\] cannot reach"),
+    ({"n": 3, "schedule": []}, '"schedule" must be a non-empty list of {"edges": \\[\\[i, j\\], ...\\]} objects'),
+    ({"n": 3, "schedule": [[0, 1]]}, '"schedule" must be a non-empty list'),
+    ({"n": 3, "schedule": [{"edges": [[0, 1], [1, 2]]}, {"edges": [[0, 3]]}]},
+     "schedule round 1: edge \\[0, 3\\] has an endpoint out of range 0..2"),
+    ({"n": 3, "schedule": [{"edges": [[0, 1], [2, 2]]}]}, "schedule round 0: self-loop \\[2, 2\\] on node 2"),
+    ({"n": 3, "schedule": [{"edges": [[0, 1], [1]]}]}, "schedule round 0: edge \\[1\\] is not an \\[i, j\\] pair"),
+    ({"n": 3, "schedule": [{"edges": [[0, 1], [1, 2]], "weight": 1}]},
+     'schedule round 0 must be {"edges": \\[\\[i, j\\], ...\\]}, got keys \\[\'edges\', \'weight\'\\]'),
+    ({"n": 3, "edges": [[0, 1], [1, 2], [0, 2]], "schedule": [{"edges": [[0, 1]]}, {"edges": [[1, 2]]}]},
+     'edge \\[0, 2\\] is not in "schedule"; "edges" must be the union of the rounds'),
+    ({"n": 3, "edges": [[0, 1]], "schedule": [{"edges": [[0, 1]]}, {"edges": [[1, 2]]}]},
+     'edge \\[1, 2\\] is not in "edges"'),
+    ({"n": 2, "round": 2, "slots": [[0, 1, 0], [1, 0, 0]], "schedule": [{"edges": [[0, 1]]}]},
+     '"schedule" and "slots" both say when edges are active; keep one'),
 ]
 
 
