@@ -88,9 +88,10 @@ CASES = [
     ("piw_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2",
                                    "--algorithm.interval", "1"],
      r"--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty"),
-    # K = 0 (auto) resolves to 1 on ring4.json, which has no round: the algorithm rejects it, still before any wait
-    ("piw_auto_interval", 4, lambda t: ["--algorithm.name", "pdmm_isvr", "--algorithm.piw", "2"],
-     r"--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty on degree 2"),
+    # K = 0 (auto) resolves to the seed file's round 10, which cadmm rejects, still before any wait
+    ("cadmm_auto_interval", 3, lambda t: ["--algorithm.name", "cadmm", "--topology.path",
+                                          "topologies/seed_n3_ring.json"],
+     r"cadmm needs --algorithm.interval 1 \(got 10\)"),
     ("dirichlet_alpha", 1, lambda t: ["--data.alpha", "0"], r"--data.alpha \(Dirichlet concentration\) must be > 0"),
     ("classes_per_node", 1, lambda t: ["--data.partition", "classes", "--data.classes_per_node", "11"],
      r"--data.classes_per_node 11 exceeds the 10 classes of the dataset"),
