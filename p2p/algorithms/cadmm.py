@@ -19,6 +19,9 @@ class CADMM(Algorithm):
     with the symmetric penalty of pdmm, c_ij = (η/γ_t) v_p / max(d_i, d_j). Σ_i α_i stays 0, so at
     a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
     common starting weights).
+
+    `sync` mode only: with one round of staleness (own w_i current, neighbours' w_j old) it diverged
+    on a ring in the spec's reference simulation, so `overlap` and `async` are configuration errors.
     """
 
     def __init__(self, *args):
@@ -33,7 +36,8 @@ class CADMM(Algorithm):
         self.alpha = torch.zeros_like(w)  # α_i
         self.w_j = {j: w.clone() for j in self.neighbors}  # last received neighbour weights
 
-    def step(self, lr: float, exchange: bool) -> None:
+    def update(self, lr: float) -> None:
+        self.lr = lr
         w, k = self.flat.w, self.k
         d = self.direction(self.flat.g, w)
         # w ← (w/γ − d − α + Σ_j c_ij (w + w_j)) / (1/γ + 2 Σ_j c_ij), numerator and denominator
@@ -42,11 +46,16 @@ class CADMM(Algorithm):
         for j in self.neighbors:
             numer.addcmul_(k[j], w + self.w_j[j])
         w.copy_(numer.div_(1 + 2 * self.k_sum))
-        if not exchange:
-            return
-        self.comm.exchange({j: w for j in self.neighbors}, self.w_j)
+
+    def messages(self) -> dict[int, torch.Tensor]:
+        return {j: self.flat.w for j in self.neighbors}
+
+    def receive(self, msgs: dict[int, torch.Tensor]) -> None:
+        w = self.flat.w
+        for j, w_j in msgs.items():
+            self.w_j[j].copy_(w_j)
         for j in self.neighbors:
-            self.alpha.addcmul_(k[j] / lr, w - self.w_j[j])  # α += c_ij (w − w_j)
+            self.alpha.addcmul_(self.k[j] / self.lr, w - self.w_j[j])  # α += c_ij (w − w_j)
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha, "w_j": self.w_j, "momentum": self.direction.state_dict()}
