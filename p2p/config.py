@@ -287,6 +287,17 @@ def load_config(argv: list[str]) -> Config:
     return cfg
 
 
+# Rules that only run in comm.mode sync, and why (README, "Exchange modes"; tests/test_exchange_modes.py).
+SYNC_ONLY = {
+    "allreduce": "allreduce is a blocking all-reduce every step; use --comm.mode sync",
+    "cadmm": "cadmm diverges with stale neighbour weights (ALGORITHMS.md); use --comm.mode sync",
+    "pdmm": "pdmm's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
+            "use admm or --comm.mode sync",
+    "pdmm_isvr": "pdmm_isvr's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
+                 "use admm_isvr or --comm.mode sync",
+}
+
+
 def validate(cfg: Config) -> None:
     """Check values that no type can express; each message names the flag to change."""
     for flag, options in CHOICES.items():
@@ -330,11 +341,8 @@ def validate(cfg: Config) -> None:
         (t.sleep_factor >= 0, "--train.sleep_factor must be >= 0"),
         (t.step_delay >= 0 and finite(t.step_delay), "--train.step_delay must be >= 0 and finite (seconds)"),
         (cfg.comm.max_staleness >= 1, "--comm.max_staleness must be >= 1 (rounds)"),
-        # ALGORITHMS.md: cadmm diverged with one round of staleness; allreduce has no messages to delay
-        (cfg.comm.mode == "sync" or a.name not in ("cadmm", "allreduce"),
-         f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: "
-         + ("cadmm diverges with stale neighbour weights" if a.name == "cadmm" else
-            "allreduce is a blocking all-reduce every step") + "; use --comm.mode sync"),
+        (cfg.comm.mode == "sync" or a.name not in SYNC_ONLY,
+         f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: {SYNC_ONLY.get(a.name)}"),
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
