@@ -50,7 +50,6 @@ class Transport:
         self.round = 0  # rounds ended so far: the next one to end is r = self.round
         self.in_flight: dict[int, deque[_InFlight]] = {}  # per peer, in posting order
         self.ready: dict[int, tuple[int, torch.Tensor]] = {}  # per peer: (round, message), completed, not handed over
-        self.newest: dict[int, int] = {}  # per peer: the round of the newest message handed over
         self.completed: dict[int, int] = {}  # per peer: exchanges completed (both directions)
         self.applied: dict[int, int] = {}  # per peer: messages handed to the rule
         self._pool: list[torch.Tensor] = []  # spare message buffers
@@ -58,7 +57,7 @@ class Transport:
         self.reset_stats()
 
     def reset_stats(self) -> dict[str, float]:
-        """This epoch's staleness (rounds; mean and max over edges and rounds), wait and exchange count."""
+        """This epoch's staleness (rounds; mean and max over the messages applied), wait and exchange count."""
         stats = getattr(self, "_stats", None)
         out = {} if stats is None else {
             "staleness_mean": stats["sum"] / stats["n"] if stats["n"] else 0.0,
@@ -122,15 +121,13 @@ class Transport:
     def _hand_over(self, rule, r: int) -> None:
         rule.receive({j: msg for j, (_, msg) in self.ready.items()})
         for j, (built, msg) in self.ready.items():
-            self.newest[j] = built
             self.applied[j] = self.applied.get(j, 0) + 1
+            self._stats["sum"] += r - built  # staleness: this round minus the round the message was built in
+            self._stats["n"] += 1
+            self._stats["max"] = max(self._stats["max"], r - built)
             if self.S > 0:
                 self._pool.append(msg)
         self.ready.clear()
-        for built in self.newest.values():  # staleness on every edge that has had a message
-            self._stats["sum"] += r - built
-            self._stats["n"] += 1
-            self._stats["max"] = max(self._stats["max"], r - built)
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         for k, t in enumerate(self._pool):
@@ -148,8 +145,8 @@ class Transport:
         """Messages completed but not yet applied (call after `drain`: nothing is in flight)."""
         assert not any(self.in_flight.values()), "drain before a checkpoint"
         return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready.items()},
-                "ready_round": {j: built for j, (built, _) in self.ready.items()}, "newest": dict(self.newest)}
+                "ready_round": {j: built for j, (built, _) in self.ready.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.round, self.newest = state["round"], dict(state["newest"])
+        self.round = state["round"]
         self.ready = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}

@@ -284,3 +284,17 @@ def test_async_killed_and_resumed_finishes(tmp_path):
         for row in rows(run, r):
             assert int(row["exchanges"]) == 2 * 100 and 1 <= float(row["staleness_max"]) <= 2, row
             assert float(row["test_acc"]) > 0.5
+
+
+@pytest.mark.timeout(300)
+def test_gossip_in_async_under_torchrun(tmp_path):
+    """gossip exchanges with one partner per round (edges active in turn): each edge's sequence still pairs up.
+    ring4 has two matchings and every node is matched in both, so one exchange per round and node."""
+    run = tmp_path / "run"
+    args = ["--comm.mode", "async", "--algorithm.name", "gossip", "--data.samples_per_epoch", "640",
+            "--train.epochs", "2", "--train.step_delay", "0.002", "--run.dir", str(run)]
+    rc, _ = torchrun(4, args, tmp_path / "log.txt")
+    assert rc == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    for r in range(4):
+        for row in rows(run, r):
+            assert int(row["exchanges"]) == 20 and 1 <= float(row["staleness_max"]) <= 2, row
