@@ -41,7 +41,7 @@ def run(out: Path, args: list[str], nproc: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--samples_per_epoch", type=int, default=3200, help="per node: 100 steps of 32")
     parser.add_argument("--out", default="runs/bench_async")
     args = parser.parse_args()

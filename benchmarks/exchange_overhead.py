@@ -8,7 +8,8 @@
 Every rank builds the same model on a ring, then times blocks of training steps (forward, backward,
 update) without exchange and with one every step in each `--modes` (comm.mode), interleaved so that
 load on a shared machine hits all alike. Rank 0 prints the median step times and their ratios per
-algorithm. On GPUs the same script runs on NCCL (`--device cuda`, one rank per GPU).
+algorithm. On GPUs the same script runs on NCCL (`--device cuda`, one rank per GPU). `--sleep_ms`
+adds an idle wait per step, as accelerator compute leaves the CPU free for the transfer to overlap.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--modes", nargs="+", default=["sync"], choices=["sync", "overlap", "async"])
+    parser.add_argument("--sleep_ms", type=float, default=0.0,
+                        help="sleep per step: stands for accelerator compute, which leaves the CPU free")
     args = parser.parse_args()
 
     env = read_env()
@@ -61,6 +64,7 @@ def main() -> None:
             for _ in range(args.steps):
                 flat.g.zero_()
                 F.cross_entropy(model(x), y).backward()
+                time.sleep(args.sleep_ms / 1e3)
                 algorithm.update(0.01)
                 if mode:
                     transports[mode].end_round(algorithm)

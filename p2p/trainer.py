@@ -218,7 +218,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                 bar.update()
             node.transport.drain()  # nothing in flight at an epoch end: checkpoints hold only applied-or-ready
             train_s = time.perf_counter() - t_epoch
-            row = {**node.transport.reset_stats(), "epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
+            row = {**node.transport.epoch_stats(), "epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
                    "train_acc": correct.item() / n_seen, "lr": lr, "bytes_sent": comm.bytes_sent,
                    "comm_s": comm.comm_s - comm_s0}
             row["compute_s"] = train_s - row["comm_s"] - delay_s

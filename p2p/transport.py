@@ -33,12 +33,16 @@ from p2p.comm import Comm, Posted
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
 
 
+def _fresh_stats() -> dict:
+    return {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
+
+
 @dataclass
 class _InFlight:
     round: int
     posted: Posted
-    sent: torch.Tensor | None  # the private copy being sent (returned to the pool when done)
-    received: torch.Tensor | None
+    sent: torch.Tensor  # the private copy being sent (back to the pool when done)
+    received: torch.Tensor
 
 
 class Transport:
@@ -54,16 +58,14 @@ class Transport:
         self.applied: dict[int, int] = {}  # per peer: messages handed to the rule
         self._pool: list[torch.Tensor] = []  # spare message buffers
         self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
-        self.reset_stats()
+        self._stats = _fresh_stats()
 
-    def reset_stats(self) -> dict[str, float]:
-        """This epoch's staleness (rounds; mean and max over the messages applied), wait and exchange count."""
-        stats = getattr(self, "_stats", None)
-        out = {} if stats is None else {
-            "staleness_mean": stats["sum"] / stats["n"] if stats["n"] else 0.0,
-            "staleness_max": stats["max"], "wait_s": stats["wait_s"], "exchanges": stats["exchanges"]}
-        self._stats = {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
-        return out
+    def epoch_stats(self) -> dict[str, float]:
+        """The CSV columns since the last call: staleness in rounds (mean and max over the messages
+        applied), seconds blocked waiting for exchanges, exchanges completed."""
+        s, self._stats = self._stats, _fresh_stats()
+        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
+                "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
 
     def end_round(self, rule) -> None:
         """The end of round r: exchange and apply as the mode says (module docstring)."""

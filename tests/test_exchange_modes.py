@@ -55,7 +55,7 @@ def _run(comm, topology, fields: dict, mode: str, S: int, x, y, steps: int, stop
         if (step + 1) % cfg.interval == 0:
             transport.end_round(algorithm)
         if (step + 1) % CHECK_EVERY == 0:
-            staleness_max = max(staleness_max, transport.reset_stats()["staleness_max"])
+            staleness_max = max(staleness_max, transport.epoch_stats()["staleness_max"])
             trace.append(_optimality(comm, model, flat, x, y))
             if stop_at_tol and max(trace[-1]) <= TOL:  # the same decision on every rank
                 break
@@ -99,10 +99,12 @@ def test_stale_primal_dual_reaches_the_centralized_optimum(runs, rule, mode, top
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_stale_dsgd_stays_in_its_neighbourhood(runs, mode, topology):
-    """dsgd's constant-step bias (test_exactness) stays of the same size with stale neighbours."""
-    stale = runs[0][topology, mode, "dsgd"]["trace"][-1][0]
+    """dsgd's constant-step bias (test_exactness) stays bounded with stale neighbours, of the order of
+    sync's: it grows with the staleness, which slows the mixing (and async jitters: at S = 3, 2.5-5x
+    sync's over the run), never diverging."""
+    trace = [g for g, _ in runs[0][topology, mode, "dsgd"]["trace"]]
     sync = runs[0][topology, "sync", "dsgd"]["trace"][-1][0]
-    assert 1e-3 < stale < 3 * sync, (stale, sync)
+    assert 1e-3 < trace[-1] and max(trace[len(trace) // 2:]) < 10 * sync, (trace, sync)
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
@@ -188,7 +190,7 @@ def _straggler(comm) -> dict:
     for _ in range(SLOW_ROUNDS):
         time.sleep(STEP_S * (10 if i == 0 else 1))
         transport.end_round(rule)
-    stats = transport.reset_stats()
+    stats = transport.epoch_stats()
     transport.drain()  # the end of training: complete what neighbours still post
     comm.barrier()
     return {"got": rule.got, "completed": dict(transport.completed), "applied": dict(transport.applied),
