@@ -2,11 +2,14 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 benchmarks/exchange_overhead.py \
         --algorithms dsgd pdmm cadmm --model mlp --hidden 1024
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/exchange_overhead.py \
+        --algorithms dsgd pdmm --modes sync overlap          # what overlapping the exchange saves
 
 Every rank builds the same model on a ring, then times blocks of training steps (forward, backward,
-update) with `exchange=True` and `exchange=False`, interleaved so that load on a shared machine hits
-both alike. Rank 0 prints the median step times and their ratio per algorithm. On GPUs the same
-script runs on NCCL (`--device cuda`, one rank per GPU).
+update) without exchange and with one every step in each `--modes` (comm.mode), interleaved so that
+load on a shared machine hits all alike. Rank 0 prints the median step times and their ratios per
+algorithm. On GPUs the same script runs on NCCL (`--device cuda`, one rank per GPU). `--sleep_ms`
+adds an idle wait per step, as accelerator compute leaves the CPU free for the transfer to overlap.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch.nn.functional as F
 
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.comm import Comm, read_env, resolve_device
-from p2p.config import AlgorithmConfig, CommConfig, ModelConfig
+from p2p.config import SYNC_ONLY, AlgorithmConfig, CommConfig, ModelConfig
 from p2p.models import build_model
 from p2p.topology import generate
+from p2p.transport import Transport
 
 
 def main() -> None:
@@ -35,6 +39,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--modes", nargs="+", default=["sync"], choices=["sync", "overlap", "async"])
+    parser.add_argument("--sleep_ms", type=float, default=0.0,
+                        help="sleep per step: stands for accelerator compute, which leaves the CPU free")
     args = parser.parse_args()
 
     env = read_env()
@@ -48,27 +55,37 @@ def main() -> None:
         model = build_model(ModelConfig(name=args.model, hidden=args.hidden), tuple(args.shape), 10).to(device)
         flat = FlatParams(model)
         algorithm = build_algorithm(flat, AlgorithmConfig(name=name, lr=0.01), topology, comm)
+        # some rules run in sync mode only (config.SYNC_ONLY); their timing says nothing about the others
+        transports = {m: Transport(comm, m) for m in args.modes if m == "sync" or name not in SYNC_ONLY}
 
-        def block(exchange: bool) -> float:
+        def block(mode: str | None) -> float:
             comm.barrier()
             start = time.perf_counter()
             for _ in range(args.steps):
                 flat.g.zero_()
                 F.cross_entropy(model(x), y).backward()
-                algorithm.step(0.01, exchange)
+                time.sleep(args.sleep_ms / 1e3)
+                algorithm.update(0.01)
+                if mode:
+                    transports[mode].end_round(algorithm)
+            if mode:
+                transports[mode].drain()  # the block's last exchange counts too
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return (time.perf_counter() - start) / args.steps
 
-        block(True)  # warm-up
-        times = {True: [], False: []}
+        for mode in transports:
+            block(mode)  # warm-up
+        times: dict[str | None, list[float]] = {None: [], **{m: [] for m in transports}}
         for _ in range(args.blocks):
-            for exchange in (True, False):
-                times[exchange].append(block(exchange))
-        with_x, without = statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
+            for mode in times:
+                times[mode].append(block(mode))
+        ms = {mode: statistics.median(t) * 1e3 for mode, t in times.items()}
         if env.is_main:
             print(f"{name:10s} {env.world_size} ranks {backend} {args.model} {flat.w.numel() / 1e6:.2f}M params: "
-                  f"step {without:.2f} ms without exchange, {with_x:.2f} ms with, ratio {with_x / without:.2f}",
+                  f"step {ms[None]:.2f} ms without exchange; " + "; ".join(
+                      f"{m} {ms[m]:.2f} ms (x{ms[m] / ms[None]:.2f})" for m in transports)
+                  + (f"; overlap / sync {ms['overlap'] / ms['sync']:.2f}" if {"sync", "overlap"} <= set(ms) else ""),
                   flush=True)
     comm.stop()
 

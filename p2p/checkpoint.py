@@ -94,7 +94,7 @@ class Checkpointer:
         return sorted(int(m.group(1)) for m in found if m)
 
     def maybe_save(self, node: Node, comm: Comm, progress: dict) -> None:
-        """Write `progress` ({"epoch", "step", "wall_s"}) and everything with state, if this epoch is due."""
+        """Write `progress` ({"epoch", "step", "wall_s", "transport"}) and all state, if this epoch is due."""
         epoch = progress["epoch"]
         if self.every == 0 or (epoch % self.every and epoch != self.last):
             return
@@ -137,7 +137,7 @@ class Checkpointer:
     def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
         """Restore `node` and `comm` from this node's checkpoint of `epoch`, read by `readable`.
 
-        Returns its progress ({"epoch", "step", "wall_s"}); ConfigError when it belongs to another setting.
+        Returns its progress ({"epoch", "step", "wall_s", "transport"}); ConfigError when it belongs to another setting.
         """
         path, own_config = self._path(epoch), self.dir.parent / "config.toml"
         for key, now in self.fixed.items():
@@ -231,7 +231,7 @@ def decide(facts: list[Facts], resume: bool, out_dir: Path) -> int | None:
 def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointer) -> dict | None:
     """Continue the run in `out_dir` or start it, decided on every rank together, and mark it begun.
 
-    Returns the progress ({"epoch", "step", "wall_s"}) of the checkpoint it continues from, None when
+    Returns the progress ({"epoch", "step", "wall_s", "transport"}) of the checkpoint it continues from, None when
     it starts at epoch 0. Call right after joining the process group, before writing anything.
     """
     marker = out_dir / MARKER

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +92,45 @@ def resolve_device(device: str, backend: str, env: Env) -> tuple[torch.device, s
     return dev, backend
 
 
+class Posted:
+    """One peer's share of a posted exchange (its send and its receive): poll `done()`, or `wait()`.
+
+    gloo's point-to-point work never reports completion before `wait()` (`is_completed()` stays
+    False; torch 2.x), although gloo moves the bytes in its own threads. So on gloo a daemon thread
+    per peer calls `wait()` on each posted exchange in order and sets `finished`; `wait()` releases
+    the GIL, so training goes on meanwhile. NCCL's work is polled with `is_completed()`, and
+    `wait()` then makes the current CUDA stream wait for the receive, so no kernel reads the buffer
+    before it has arrived (NCCL runs point-to-point work on its own streams, after the work the
+    current stream had queued when the exchange was posted: the sender's private copies are
+    complete). The NCCL path is written but not yet exercised on GPUs.
+    """
+
+    def __init__(self, comm: Comm, peer: int, works: list):
+        self.comm, self.peer, self.works = comm, peer, works
+        self.finished = threading.Event()  # gloo: set by the peer's waiter thread
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        if self.comm.backend == "nccl":
+            return all(w.is_completed() for w in self.works)
+        if self.error is not None:
+            self.wait()  # raises it as a PeerFailure
+        return self.finished.is_set()
+
+    def wait(self) -> None:
+        """Block until both messages have travelled, at most comm.timeout_s."""
+        label = f"exchange with neighbour {self.peer}"
+        with self.comm._guard(label):
+            if self.comm.backend == "nccl":
+                for w in self.works:
+                    w.wait()  # the current stream waits for the receive
+                return
+            if not self.finished.wait(self.comm.timeout.total_seconds()):
+                raise RuntimeError("no answer")
+            if self.error is not None:
+                raise RuntimeError(one_line(self.error))
+
+
 class Comm:
     """A node's view of the network: its rank, its device, and the messages it sends."""
 
@@ -100,6 +141,7 @@ class Comm:
         self.bytes_sent = 0  # payload bytes this node has sent, all exchanges together
         self.comm_s = 0.0  # wall time spent waiting on communication
         self.failed = False  # a wait failed: the group may hold work that never completes
+        self._waiters: dict[int, queue.Queue] = {}  # gloo: one waiter thread per peer (see Posted)
 
     def start(self) -> None:
         """Join the process group (NCCL or gloo) and check that every rank is there."""
@@ -145,6 +187,43 @@ class Comm:
             self._sync()
         self.bytes_sent += sum(t.numel() * t.element_size() for t in send.values())
         self.comm_s += time.perf_counter() - start
+
+    def post(self, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor]) -> dict[int, Posted]:
+        """Post `send[j]` to and a receive into `recv[j]` for each peer j, all together, without waiting.
+
+        Returns one `Posted` per peer. Nobody may touch these buffers until its peer's Posted is done:
+        the caller passes private copies. The bytes count when posted.
+        """
+        ops = [dist.P2POp(dist.isend, t, peer) for peer, t in send.items()]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recv.items()]
+        if not ops:
+            return {}
+        with self._guard(f"exchange with neighbour(s) {sorted(set(send) | set(recv))}"):
+            works = dist.batch_isend_irecv(ops)
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in send.values())
+        peers = [*send, *recv]
+        by_peer: dict[int, list] = {p: [] for p in peers}
+        for peer, work in zip(peers, works) if len(works) == len(ops) else ((p, w) for p in by_peer for w in works):
+            by_peer[peer].append(work)  # NCCL coalesces the batch into one work: every peer waits on it
+        posted = {p: Posted(self, p, ws) for p, ws in by_peer.items()}
+        if self.backend != "nccl":
+            for p, one in posted.items():
+                if p not in self._waiters:
+                    self._waiters[p] = queue.Queue()
+                    threading.Thread(target=self._wait_loop, args=(self._waiters[p],), daemon=True).start()
+                self._waiters[p].put(one)
+        return posted
+
+    def _wait_loop(self, todo: queue.Queue) -> None:
+        """gloo: wait on one peer's posted exchanges in order, marking each finished (see Posted)."""
+        while True:
+            one = todo.get()
+            try:
+                for work in one.works:
+                    work.wait(self.timeout)
+            except BaseException as e:  # handed to the training thread, which raises it as a PeerFailure
+                one.error = e
+            one.finished.set()
 
     def all_reduce_mean_(self, t: torch.Tensor, training: bool = True) -> torch.Tensor:
         """In-place mean over all ranks.

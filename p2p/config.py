@@ -107,13 +107,16 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     checkpoint_every: int = 1  # checkpoint every N epochs and after the last; 0 = never
     sleep_factor: float = 0.0  # straggler simulation: sleep epoch_time * (0.5 + 0.5 * factor * U[0,1))
-    slow_ranks: list[int] = field(default_factory=list)  # ranks that sleep; empty = all (when sleep_factor > 0)
+    step_delay: float = 0.0  # straggler simulation: mean (s) of an exponential sleep per step; 0 = off
+    slow_ranks: list[int] = field(default_factory=list)  # ranks that sleep or delay; empty = all
 
 
 @dataclass
 class CommConfig:
     backend: str = "auto"  # auto | nccl | gloo (auto: nccl when every rank has its own GPU)
     timeout_s: float = 300.0  # every collective and exchange fails after this many seconds
+    mode: str = "sync"  # sync | overlap | async: when exchanges travel and apply (README, "Exchange modes")
+    max_staleness: int = 2  # async: a node waits when an edge's completed exchanges lag more rounds than this
 
 
 @dataclass
@@ -158,6 +161,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.piw": (0.5, 1.0, 2.0),
     "algorithm.schedule": ("cyclic", "random"),
     "train.scheduler": ("none", "step"),
+    "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
     "log.level": ("debug", "info", "warning"),
 }
@@ -284,6 +288,17 @@ def load_config(argv: list[str]) -> Config:
     return cfg
 
 
+# Rules that only run in comm.mode sync, and why (README, "Exchange modes"; tests/test_exchange_modes.py).
+SYNC_ONLY = {
+    "allreduce": "allreduce is a blocking all-reduce every step; use --comm.mode sync",
+    "cadmm": "cadmm diverges with stale neighbour weights (ALGORITHMS.md); use --comm.mode sync",
+    "pdmm": "pdmm's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
+            "use admm or --comm.mode sync",
+    "pdmm_isvr": "pdmm_isvr's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
+                 "use admm_isvr or --comm.mode sync",
+}
+
+
 def validate(cfg: Config) -> None:
     """Check values that no type can express; each message names the flag to change."""
     for flag, options in CHOICES.items():
@@ -325,6 +340,10 @@ def validate(cfg: Config) -> None:
         (t.step_size >= 1, "--train.step_size must be >= 1"),
         (0 < t.gamma <= 1, "--train.gamma must be in (0, 1]"),
         (t.sleep_factor >= 0, "--train.sleep_factor must be >= 0"),
+        (t.step_delay >= 0 and finite(t.step_delay), "--train.step_delay must be >= 0 and finite (seconds)"),
+        (cfg.comm.max_staleness >= 1, "--comm.max_staleness must be >= 1 (rounds)"),
+        (cfg.comm.mode == "sync" or a.name not in SYNC_ONLY,
+         f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: {SYNC_ONLY.get(a.name)}"),
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),

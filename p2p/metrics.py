@@ -13,14 +13,15 @@ from p2p.config import LogConfig
 COLUMNS = [
     "epoch", "train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc",
     "consensus_dist", "avg_test_loss", "avg_test_acc", "lr", "bytes_sent", "compute_s", "comm_s",
-    "sleep_s", "wall_s", "dual_norm", "penalty_ratio",
+    "sleep_s", "wall_s", "staleness_mean", "staleness_max", "wait_s", "exchanges", "dual_norm", "penalty_ratio",
 ]
 # CSV column -> TensorBoard tag; the network-wide ones go to tb/global (rank 0) only.
 NODE_TAGS = {
     "train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
     "train_acc": "acc/train", "val_acc": "acc/val", "test_acc": "acc/test",
     "lr": "lr", "bytes_sent": "comm/bytes_sent", "compute_s": "time/compute_s", "comm_s": "time/comm_s",
-    "dual_norm": "dual/norm", "penalty_ratio": "dual/penalty_ratio",
+    "staleness_mean": "comm/staleness_mean", "staleness_max": "comm/staleness_max", "wait_s": "time/wait_s",
+    "exchanges": "comm/exchanges", "dual_norm": "dual/norm", "penalty_ratio": "dual/penalty_ratio",
 }
 GLOBAL_TAGS = {
     "consensus_dist": "consensus/distance", "avg_test_loss": "avg_model/test_loss",

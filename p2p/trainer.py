@@ -21,6 +21,7 @@ from p2p.data import class_histogram, eval_loader, load_splits, node_loader, par
 from p2p.models import build_model
 from p2p.metrics import Metrics
 from p2p.topology import Topology, build_topology
+from p2p.transport import Transport
 
 log = logging.getLogger("p2p")
 
@@ -36,9 +37,10 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
     return base_lr
 
 
-def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor,
-               lr: float, exchange: bool, l2_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One local step: g_i = ∇(mean CE + (l2_lambda/2)||w||²), then the algorithm's update.
+def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, transport: Transport, x: torch.Tensor,
+               y: torch.Tensor, lr: float, exchange: bool, l2_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One local step: g_i = ∇(mean CE + (l2_lambda/2)||w||²), the algorithm's update, and at the end of a
+    round the transport's exchange.
 
     Returns the minibatch loss and number of correct predictions, as tensors (no device sync).
     """
@@ -48,7 +50,9 @@ def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, x: torc
     loss.backward()
     if l2_lambda:
         flat.g.add_(flat.w, alpha=l2_lambda)
-    algorithm.step(lr, exchange)
+    algorithm.update(lr)
+    if exchange:
+        transport.end_round(algorithm)
     return loss.detach(), (out.argmax(1) == y).sum()
 
 
@@ -74,6 +78,7 @@ class Node:
     model: nn.Module
     flat: FlatParams
     algorithm: Algorithm
+    transport: Transport
     loader: DataLoader
     val_loader: DataLoader
     test_loader: DataLoader
@@ -104,7 +109,9 @@ def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.nd
     flat = FlatParams(model)  # after .to(): the views must live on the final device
     algorithm = build_algorithm(flat, cfg.algorithm, topology, comm)
     loader = node_loader(splits, shard, cfg.data, seed=cfg.run.seed + comm.rank, n_nodes=comm.world_size)
-    return Node(model, flat, algorithm, loader, eval_loader(splits.val, 1000), eval_loader(splits.test, 1000))
+    transport = Transport(comm, cfg.comm.mode, cfg.comm.max_staleness)
+    return Node(model, flat, algorithm, transport, loader, eval_loader(splits.val, 1000),
+                eval_loader(splits.test, 1000))
 
 
 ISVR_INTERVAL = 4  # K for pdmm_isvr/admm_isvr when neither the config nor the topology file sets one
@@ -181,13 +188,15 @@ def run(cfg: Config) -> None:
 
 def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.Checkpointer,
                progress: dict | None) -> None:
-    """Train from the start, or from `progress` ({"epoch", "step", "wall_s"}) of a resumed checkpoint."""
+    """Train from the start, or from `progress` ({"epoch", "step", "wall_s", "transport"}) of a resumed checkpoint."""
     tcfg, acfg = cfg.train, cfg.algorithm
     start_epoch, step = (progress["epoch"], progress["step"]) if progress else (0, 0)
+    if progress:  # received messages not applied yet (overlap, async): where the pipeline stood
+        node.transport.load_state_dict(progress["transport"])
     # drop the rows after the checkpoint (all of them when this job starts its own run over)
     metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch)
     steps_per_epoch = len(node.loader)
-    slow = tcfg.sleep_factor > 0 and (not tcfg.slow_ranks or env.rank in tcfg.slow_ranks)
+    slow = not tcfg.slow_ranks or env.rank in tcfg.slow_ranks  # sleep_factor and step_delay apply here
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter() - (progress["wall_s"] if progress else 0.0)  # wall_s continues across restarts
@@ -198,21 +207,28 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             loss_sum = torch.zeros((), device=comm.device)
             correct = torch.zeros((), device=comm.device, dtype=torch.long)
             n_seen = 0  # samples, counted: a full batch is the shard, whatever batch_size says
+            # per-step straggler delays: exponential draws per (seed, rank, epoch), so a resumed run repeats them
+            delays = np.random.default_rng((cfg.run.seed, env.rank, epoch, 1))
+            delay_s = 0.0
             for x, y in node.loader:
                 lr = lr_at(step, tcfg, acfg.lr)
                 exchange = (step + 1) % acfg.interval == 0
-                loss, right = train_step(node.model, node.flat, node.algorithm, x.to(comm.device),
+                if slow and tcfg.step_delay > 0:
+                    delay_s += (d := delays.exponential(tcfg.step_delay))
+                    time.sleep(d)
+                loss, right = train_step(node.model, node.flat, node.algorithm, node.transport, x.to(comm.device),
                                          y.to(comm.device), lr, exchange, acfg.l2_lambda)
                 loss_sum += loss
                 correct += right
                 n_seen += len(y)
                 step += 1
                 bar.update()
+            node.transport.drain()  # nothing in flight at an epoch end: checkpoints hold only applied-or-ready
             train_s = time.perf_counter() - t_epoch
-            row = {"epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
+            row = {**node.transport.epoch_stats(), "epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
                    "train_acc": correct.item() / n_seen, "lr": lr, "bytes_sent": comm.bytes_sent,
                    "comm_s": comm.comm_s - comm_s0}
-            row["compute_s"] = train_s - row["comm_s"]
+            row["compute_s"] = train_s - row["comm_s"] - delay_s
             row.update(node.algorithm.diagnostics(lr))
 
             # stop every node together if any loss is not finite
@@ -234,11 +250,13 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
 
             # straggler simulation (the seed's sleep_factor); U per (seed, rank, epoch): a resumed run repeats it
             u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()
-            row["sleep_s"] = train_s * (0.5 + 0.5 * tcfg.sleep_factor * u) if slow else 0.0
-            time.sleep(row["sleep_s"])
+            sleep_s = train_s * (0.5 + 0.5 * tcfg.sleep_factor * u) if slow and tcfg.sleep_factor > 0 else 0.0
+            time.sleep(sleep_s)
+            row["sleep_s"] = sleep_s + delay_s
             row["wall_s"] = time.perf_counter() - t_start
             metrics.log(row)
-            ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"]})
+            ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"],
+                                         "transport": node.transport.state_dict()})
     finally:
         bar.close()
         metrics.close()

@@ -6,10 +6,11 @@ from p2p.algorithms.local import Local
 
 class AllReduce(Local):
     """g ← (1/n) Σ_i g_i (all-reduce every step, whatever K), then the torch optimizer steps.
+    A blocking collective every step: `sync` mode only (no messages for a transport to delay).
 
     The models stay identical because they start identical and see the same averaged gradient.
     """
 
-    def step(self, lr: float, exchange: bool) -> None:
+    def update(self, lr: float) -> None:
         self.comm.all_reduce_mean_(self.flat.g)
-        super().step(lr, exchange)
+        super().update(lr)

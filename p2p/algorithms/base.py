@@ -8,6 +8,7 @@ from torch import nn
 from p2p.comm import Comm
 from p2p.config import AlgorithmConfig
 from p2p.topology import Topology
+from p2p.transport import Transport
 
 
 class FlatParams:
@@ -48,21 +49,42 @@ class FlatParams:
 
 
 class Algorithm:
-    """One node's update rule.
+    """One node's update rule, in the three parts a transport (p2p/transport.py) drives:
 
-    The trainer puts the stochastic gradient g_i into `flat.g` and calls `step(lr, exchange)`;
-    the algorithm updates `flat.w` in place. `exchange` is true on every K-th step, the end of a
-    communication round. Everything with state (duals, neighbour copies, momentum) is in
-    `state_dict()` so a checkpoint restores it exactly.
+        update(lr)       every step: the local update of `flat.w` from the gradient g_i in `flat.g`
+        messages()       at the end of a round: {neighbour j: the flat tensor to send j}
+        receive(msgs)    what the rule does with received messages {j: tensor}
+
+    A rule never calls the network: the transport decides when messages travel and which received
+    ones it hands over (`sync`: this round's; `overlap`, `async`: older ones, at most one per edge
+    and each once; possibly for only some neighbours). The tensors `messages()` returns may be the
+    rule's own buffers (the transport copies what it keeps in flight); those `receive()` gets are
+    valid only during the call (copy what is kept). Everything with state (duals, neighbour copies,
+    momentum) is in `state_dict()` so a checkpoint restores it exactly.
     """
 
     def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, comm: Comm):
         self.flat, self.cfg, self.topology, self.comm = flat, cfg, topology, comm
         self.rank = comm.rank
         self.neighbors = topology.neighbors(comm.rank) if topology.n > 1 else []
+        self.lr = cfg.lr  # γ_t of the latest update, for rules whose receive() needs it (cadmm)
+        self._transport: Transport | None = None  # step()'s, created at its first exchange
+
+    def update(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def messages(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def receive(self, msgs: dict[int, torch.Tensor]) -> None:
+        pass
 
     def step(self, lr: float, exchange: bool) -> None:
-        raise NotImplementedError
+        """The `sync` mode in one call: the local update, then at a round's end a blocking exchange."""
+        self.update(lr)
+        if exchange:
+            self._transport = self._transport or Transport(self.comm)
+            self._transport.end_round(self)
 
     def state_dict(self) -> dict:
         return {}

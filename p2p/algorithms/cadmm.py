@@ -21,6 +21,9 @@ class CADMM(Algorithm):
     a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
     common starting weights).
 
+    `sync` mode only: with one round of staleness (own w_i current, neighbours' w_j old) it diverged
+    on a ring in the spec's reference simulation, so `overlap` and `async` are configuration errors.
+
     Decision (the spec is silent on K > 1): K must be 1. Between exchanges the primal step keeps
     pulling towards neighbour copies up to K − 1 steps old — the staleness for which the spec already
     forbids cadmm in overlap/async — and it diverged on the digits CNN (8-node ring, compare_digits:
@@ -43,7 +46,8 @@ class CADMM(Algorithm):
         self.alpha = torch.zeros_like(w)  # α_i
         self.w_j = {j: w.clone() for j in self.neighbors}  # last received neighbour weights
 
-    def step(self, lr: float, exchange: bool) -> None:
+    def update(self, lr: float) -> None:
+        self.lr = lr
         w, k = self.flat.w, self.k
         d = self.direction(self.flat.g, w)
         # w ← (w/γ − d − α + Σ_j c_ij (w + w_j)) / (1/γ + 2 Σ_j c_ij), numerator and denominator
@@ -52,11 +56,16 @@ class CADMM(Algorithm):
         for j in self.neighbors:
             numer.addcmul_(k[j], w + self.w_j[j])
         w.copy_(numer.div_(1 + 2 * self.k_sum))
-        if not exchange:
-            return
-        self.comm.exchange({j: w for j in self.neighbors}, self.w_j)
+
+    def messages(self) -> dict[int, torch.Tensor]:
+        return {j: self.flat.w for j in self.neighbors}
+
+    def receive(self, msgs: dict[int, torch.Tensor]) -> None:
+        w = self.flat.w
+        for j, w_j in msgs.items():
+            self.w_j[j].copy_(w_j)
         for j in self.neighbors:
-            self.alpha.addcmul_(k[j] / lr, w - self.w_j[j])  # α += c_ij (w − w_j)
+            self.alpha.addcmul_(self.k[j] / self.lr, w - self.w_j[j])  # α += c_ij (w − w_j)
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha, "w_j": self.w_j, "momentum": self.direction.state_dict()}

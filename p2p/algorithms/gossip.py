@@ -24,7 +24,6 @@ class Gossip(Local):
         super().__init__(*args)
         self.matchings = self.topology.matchings()
         self.rounds = 0  # exchanges so far: r
-        self.w_j = torch.empty_like(self.flat.w)
 
     def partner(self, r: int) -> int | None:
         """This node's partner in the matching active at exchange r (None if unmatched)."""
@@ -35,17 +34,17 @@ class Gossip(Local):
                 return j if i == self.rank else i
         return None
 
-    def step(self, lr: float, exchange: bool) -> None:
-        super().step(lr, exchange)  # the torch SGD step
-        if not exchange or not self.matchings:
-            return
+    def messages(self) -> dict[int, torch.Tensor]:
+        """w_i to this round's partner, if any; r advances once per round."""
+        if not self.matchings:
+            return {}
         j = self.partner(self.rounds)
         self.rounds += 1
-        if j is None:
-            return
-        w = self.flat.w
-        self.comm.exchange({j: w}, {j: self.w_j})
-        w.add_(self.w_j).mul_(0.5)
+        return {} if j is None else {j: self.flat.w}
+
+    def receive(self, msgs: dict[int, torch.Tensor]) -> None:
+        for w_j in msgs.values():  # at most one
+            self.flat.w.add_(w_j).mul_(0.5)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rounds": self.rounds}

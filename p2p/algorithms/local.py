@@ -11,7 +11,8 @@ class Local(Algorithm):
         super().__init__(*args)
         self.optimizer = make_optimizer(self.flat, self.cfg)
 
-    def step(self, lr: float, exchange: bool) -> None:
+    def update(self, lr: float) -> None:
+        self.lr = lr
         set_lr(self.optimizer, lr)
         self.optimizer.step()
 

@@ -86,9 +86,8 @@ class PrimalDual(Algorithm):
         # z_{i|j}: A_{i|j} w_0 (consensus) or 0 (zero), see the class docstring
         self.z = {j: w.mul(self.A[j]) if cfg.dual_init == "consensus" else torch.zeros_like(w) for j in self.neighbors}
         self.y = {j: torch.empty_like(w) for j in self.neighbors}  # y_{i|j}, sent
-        self.y_in = {j: torch.empty_like(w) for j in self.neighbors}  # y_{j|i}, received
 
-    def step(self, lr: float, exchange: bool) -> None:
+    def update(self, lr: float) -> None:
         w, A, z = self.flat.w, self.A, self.z
         d = self.direction(self.flat.g, w)
         # w ← (w/γ − c_g d + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ + Σ_j c_ij), numerator and denominator
@@ -97,16 +96,19 @@ class PrimalDual(Algorithm):
         for j in self.neighbors:
             numer.addcmul_(self.kA[j], z[j])
         w.copy_(numer.div_(1 + self.k_sum))
-        if not exchange:
-            return
+
+    def messages(self) -> dict[int, torch.Tensor]:
         for j in self.neighbors:
-            torch.sub(z[j], w, alpha=2 * A[j], out=self.y[j])
-        self.comm.exchange(self.y, self.y_in)
-        for j in self.neighbors:
+            torch.sub(self.z[j], self.flat.w, alpha=2 * self.A[j], out=self.y[j])
+        return self.y
+
+    def receive(self, msgs: dict[int, torch.Tensor]) -> None:
+        z = self.z
+        for j, y_in in msgs.items():
             if self.dual == "pdmm":
-                z[j].copy_(self.y_in[j])
+                z[j].copy_(y_in)
             else:
-                z[j].mul_(0.5).add_(self.y_in[j], alpha=0.5)
+                z[j].mul_(0.5).add_(y_in, alpha=0.5)
 
     def diagnostics(self, lr: float) -> dict[str, float]:
         """How hard the duals pull against the gradient (the measurement that explained ISVR's stall).

@@ -1,0 +1,154 @@
+"""When a rule's messages travel: the exchange modes of ALGORITHMS.md (`comm.mode`).
+
+A rule (p2p/algorithms) says what it sends, `messages()`, and what it does with what it receives,
+`receive(msgs)`; the trainer calls `end_round(rule)` after every K-th local step. With S the
+staleness bound (sync 0, overlap 1, async `comm.max_staleness`), at the end of round r:
+
+    sync (S = 0):  post round r's messages; wait for them; hand them to the rule
+    S >= 1:        wait until every edge's exchange of round r − S has completed; hand the rule the
+                   newest completed message per edge that it has not had yet; post round r's
+                   messages (private copies), which travel while the next local steps run
+
+Each edge carries one exchange per round in which its rule sends, the m-th message of i paired
+with the m-th of j, so both ends complete the same number. With S = 1 round r − 1 is the only one
+that can have completed, so `overlap` applies exactly round r − 1's messages at the end of round r:
+one round stale and deterministic. `async` applies whatever has arrived, never older than r − S.
+A message superseded on its edge before it was handed over is skipped, never applied; none is
+applied twice.
+
+This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes. An
+in-process transport for simulated nodes needs the same `end_round`, `drain` and state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from p2p.comm import Comm, Posted
+
+STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
+
+
+def _fresh_stats() -> dict:
+    return {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
+
+
+@dataclass
+class _InFlight:
+    round: int
+    posted: Posted
+    sent: torch.Tensor  # the private copy being sent (back to the pool when done)
+    received: torch.Tensor
+
+
+class Transport:
+    """A node's exchanges over `comm`, in mode `sync`, `overlap` or `async` (bound `max_staleness`)."""
+
+    def __init__(self, comm: Comm, mode: str = "sync", max_staleness: int = 2):
+        self.comm, self.mode = comm, mode
+        self.S = STALENESS.get(mode, max_staleness)
+        self.round = 0  # rounds ended so far: the next one to end is r = self.round
+        self.in_flight: dict[int, deque[_InFlight]] = {}  # per peer, in posting order
+        self.ready: dict[int, tuple[int, torch.Tensor]] = {}  # per peer: (round, message), completed, not handed over
+        self.completed: dict[int, int] = {}  # per peer: exchanges completed (both directions)
+        self.applied: dict[int, int] = {}  # per peer: messages handed to the rule
+        self._pool: list[torch.Tensor] = []  # spare message buffers
+        self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
+        self._stats = _fresh_stats()
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The CSV columns since the last call: staleness in rounds (mean and max over the messages
+        applied), seconds blocked waiting for exchanges, exchanges completed."""
+        s, self._stats = self._stats, _fresh_stats()
+        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
+                "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
+
+    def end_round(self, rule) -> None:
+        """The end of round r: exchange and apply as the mode says (module docstring)."""
+        start, r = time.perf_counter(), self.round
+        if self.S == 0:
+            self.ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
+            send = rule.messages()
+            recv = {j: self._sync_buffer(j, t) for j, t in send.items()}
+            self.comm.exchange(send, recv)
+            self._stats["wait_s"] += time.perf_counter() - start
+            for j in recv:
+                self.completed[j] = self.completed.get(j, 0) + 1
+                self._stats["exchanges"] += 1
+                self.ready[j] = (r, recv[j])
+            self._hand_over(rule, r)
+        else:
+            self._collect(until=r - self.S)
+            self._hand_over(rule, r)
+            self._post(rule.messages(), r)
+            self.comm.comm_s += time.perf_counter() - start  # sync's exchange counts its own
+        self.round += 1
+
+    def drain(self) -> None:
+        """Wait for every exchange in flight; their messages wait, unapplied, for the next round's end.
+
+        Called at every epoch end, where all nodes have posted the same rounds (all finish), so a
+        checkpoint holds no message in flight, only `ready` ones (in its state): overlap resumes bit
+        for bit, and the last epoch's drain completes every exchange a neighbour still posts.
+        """
+        start = time.perf_counter()
+        self._collect(until=self.round)
+        self.comm.comm_s += time.perf_counter() - start
+
+    def _post(self, send: dict[int, torch.Tensor], r: int) -> None:
+        copies = {j: self._buffer(t).copy_(t) for j, t in send.items()}  # the rule may change its buffers now
+        recv = {j: self._buffer(t) for j, t in send.items()}  # every rule sends and receives alike per edge
+        for j, posted in self.comm.post(copies, recv).items():
+            self.in_flight.setdefault(j, deque()).append(_InFlight(r, posted, copies[j], recv[j]))
+
+    def _collect(self, until: int) -> None:
+        """Move completed exchanges to `ready`; wait for those of rounds <= until."""
+        for j, flights in self.in_flight.items():
+            while flights and (flights[0].round <= until or flights[0].posted.done()):
+                one = flights.popleft()
+                t0 = time.perf_counter()
+                one.posted.wait()  # at once if done (NCCL: then the current stream waits for the receive)
+                self._stats["wait_s"] += time.perf_counter() - t0
+                self.completed[j] = self.completed.get(j, 0) + 1
+                self._stats["exchanges"] += 1
+                self._pool.append(one.sent)
+                if j in self.ready:  # superseded before it was handed over
+                    self._pool.append(self.ready[j][1])
+                self.ready[j] = (one.round, one.received)
+
+    def _hand_over(self, rule, r: int) -> None:
+        rule.receive({j: msg for j, (_, msg) in self.ready.items()})
+        for j, (built, msg) in self.ready.items():
+            self.applied[j] = self.applied.get(j, 0) + 1
+            self._stats["sum"] += r - built  # staleness: this round minus the round the message was built in
+            self._stats["n"] += 1
+            self._stats["max"] = max(self._stats["max"], r - built)
+            if self.S > 0:
+                self._pool.append(msg)
+        self.ready.clear()
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        for k, t in enumerate(self._pool):
+            if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
+                return self._pool.pop(k)
+        return torch.empty_like(like)
+
+    def _sync_buffer(self, j: int, like: torch.Tensor) -> torch.Tensor:
+        t = self._recv.get(j)
+        if t is None or t.shape != like.shape or t.dtype != like.dtype:
+            t = self._recv[j] = torch.empty_like(like)
+        return t
+
+    def state_dict(self) -> dict:
+        """Messages completed but not yet applied (call after `drain`: nothing is in flight)."""
+        assert not any(self.in_flight.values()), "drain before a checkpoint"
+        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready.items()},
+                "ready_round": {j: built for j, (built, _) in self.ready.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state["round"]
+        self.ready = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
