@@ -4,8 +4,9 @@ topologies/seed_n3_ring.json (round 10) lists, per node, the slot at which it ex
 edge (i, j), i < j, exchanges after the local steps t with t mod 10 = the slot node i listed for j:
 edge (0, 1) at 4, (0, 2) at 0, (1, 2) at 5.
 
-- The trainer (digits, logistic model, dsgd, async, 2 epochs) runs to the end on every node; each edge
-  posts its exchange at exactly its slot, once per round, and completes one exchange per round on both ends.
+- The trainer (digits, logistic model, dsgd, async, 2 epochs, then a third resumed from the checkpoint)
+  runs to the end on every node; each edge posts its exchange at exactly its slot, once per round, and
+  completes one exchange per round on both ends.
 - admm with slots in async (K = 10, S = 2, random per-step delays) still reaches the centralized optimum of
   test_exactness's convex problem (3 of its shards).
 - Where the slots are not used (sync, K other than the file's round, gossip), the reason is given.
@@ -36,41 +37,50 @@ TRAIN = ["--config", "configs/quickstart.toml", "--topology.path", SEED_RING, "-
 ROUNDS_PER_EPOCH = 3200 // 32 // K
 
 
-def _train(comm, run_dir: str) -> dict:
-    """What trainer.run does on one node, in a process group run_ranks has already started."""
+def _train(comm, run_dir: str, *args: str) -> dict:
+    """What trainer.run does on one node (start, or resume with --run.resume), in run_ranks' process group."""
     from p2p import checkpoint
     from p2p.data import load_splits, partition
     from p2p.topology import build_topology
     from p2p.trainer import build_node, resolve_interval, train_loop
 
-    cfg = load_config([*TRAIN, "--run.dir", run_dir])
+    cfg = load_config([*TRAIN, "--run.dir", run_dir, *args])
     topology = build_topology(cfg.topology, comm.world_size)
     resolve_interval(cfg.algorithm, topology)  # K = the file's round
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, comm.world_size, cfg.data)
     node = build_node(cfg, comm, topology, splits, shards[comm.rank])
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.Checkpointer(cfg.out_dir / "ckpt", comm.rank, cfg.train.checkpoint_every, cfg.train.epochs,
                                    checkpoint.fixed_fields(cfg, comm.world_size))
-    train_loop(cfg, comm.env, comm, node, ckpt, None)
+    progress = checkpoint.begin(cfg.out_dir, cfg.run.resume, node, comm, ckpt)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    train_loop(cfg, comm.env, comm, node, ckpt, progress)
     comm.barrier()
     t = node.transport
     return {"K": cfg.algorithm.interval, "slots": t.slots, "completed": dict(t.completed),
             "posted_at": {j: dict(c) for j, c in t.posted_at.items()}}
 
 
-def test_trainer_exchanges_each_edge_at_its_slot(tmp_path):
-    from test_faults import rows
-
-    runs = run_ranks(_train, 3, str(tmp_path / "run"), timeout=280)
-    rounds = 2 * ROUNDS_PER_EPOCH
+def _check(runs: list[dict], rounds: int) -> None:
     for i, r in enumerate(runs):
         assert r["K"] == K and r["slots"] == SLOT[i]
         for j, slot in SLOT[i].items():
             assert r["posted_at"][j] == {slot: rounds}, (i, j, r["posted_at"])  # at its slot, once per round
             assert r["completed"][j] == runs[j]["completed"][i] == rounds  # both ends, every exchange
-        csv = rows(tmp_path / "run", i)
-        assert [int(row["epoch"]) for row in csv] == [1, 2]
+
+
+@pytest.mark.timeout(400)
+def test_trainer_exchanges_each_edge_at_its_slot_and_resumes(tmp_path):
+    """2 epochs, then a third resumed from the checkpoint (its ready messages applied at their edges' slots)."""
+    from test_faults import rows
+
+    run = tmp_path / "run"
+    _check(run_ranks(_train, 3, str(run), timeout=180), 2 * ROUNDS_PER_EPOCH)
+    _check(run_ranks(_train, 3, str(run), "--train.epochs", "3", "--run.resume", "true", timeout=180),
+           ROUNDS_PER_EPOCH)
+    for i in range(3):
+        csv = rows(run, i)
+        assert [int(row["epoch"]) for row in csv] == [1, 2, 3]
         for row in csv:
             assert int(row["exchanges"]) == 2 * ROUNDS_PER_EPOCH and 1 <= float(row["staleness_max"]) <= S, row
         assert float(csv[-1]["avg_test_acc"]) > 0.8, csv[-1]
