@@ -24,7 +24,8 @@ that step the same three moves happen for that edge alone: wait for its exchange
 state now. Staleness and draining work per edge as above.
 
 This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes. An
-in-process transport for simulated nodes needs the same `end_round`, `drain` and state.
+in-process transport for simulated nodes needs the same `after_step`, `end_round`, `drain` and
+state.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Transport:
         self.ready: dict[int, tuple[int, torch.Tensor]] = {}  # per peer: (round, message), completed, not handed over
         self.completed: dict[int, int] = {}  # per peer: exchanges completed (both directions)
         self.applied: dict[int, int] = {}  # per peer: messages handed to the rule
-        self.posted_at: dict[int, Counter] = {}  # slots: per peer, {step mod K: exchanges posted} (for tests, logs)
+        self.posted_at: dict[int, Counter] = {}  # slots: per peer, {step mod K: exchanges posted} (what tests check)
         self._pool: list[torch.Tensor] = []  # spare message buffers
         self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
         self._stats = _fresh_stats()
