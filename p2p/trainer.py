@@ -38,9 +38,9 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
 
 
 def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, transport: Transport, x: torch.Tensor,
-               y: torch.Tensor, lr: float, exchange: bool, l2_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One local step: g_i = ∇(mean CE + (l2_lambda/2)||w||²), the algorithm's update, and at the end of a
-    round the transport's exchange.
+               y: torch.Tensor, lr: float, step: int, l2_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local step `step` (counted over the run): g_i = ∇(mean CE + (l2_lambda/2)||w||²), the algorithm's
+    update, then whatever exchange the transport has due after it (a round's end, or an edge's slot).
 
     Returns the minibatch loss and number of correct predictions, as tensors (no device sync).
     """
@@ -51,8 +51,7 @@ def train_step(model: nn.Module, flat: FlatParams, algorithm: Algorithm, transpo
     if l2_lambda:
         flat.g.add_(flat.w, alpha=l2_lambda)
     algorithm.update(lr)
-    if exchange:
-        transport.end_round(algorithm)
+    transport.after_step(algorithm, step)
     return loss.detach(), (out.argmax(1) == y).sum()
 
 
@@ -109,9 +108,27 @@ def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.nd
     flat = FlatParams(model)  # after .to(): the views must live on the final device
     algorithm = build_algorithm(flat, cfg.algorithm, topology, comm)
     loader = node_loader(splits, shard, cfg.data, seed=cfg.run.seed + comm.rank, n_nodes=comm.world_size)
-    transport = Transport(comm, cfg.comm.mode, cfg.comm.max_staleness)
+    slots, _ = edge_slots(cfg, topology, algorithm)
+    transport = Transport(comm, cfg.comm.mode, cfg.comm.max_staleness, cfg.algorithm.interval, slots)
     return Node(model, flat, algorithm, transport, loader, eval_loader(splits.val, 1000),
                 eval_loader(splits.test, 1000))
+
+
+def edge_slots(cfg: Config, topology: Topology, algorithm: Algorithm) -> tuple[dict[int, int] | None, str]:
+    """{neighbour j: the step of a round at which edge (i, j) exchanges}: the slot of its lower-ranked end in
+    the seed's node_list.json, so both ends agree. Only in async with K = the file's round (what the slots
+    were made for); otherwise None and why, for a log line (README, "Exchange modes")."""
+    if topology.slots is None or topology.round is None:
+        return None, ""
+    K, mode, where = cfg.algorithm.interval, cfg.comm.mode, f"the per-edge slots of topology {topology.source}"
+    why = (f"--comm.mode {mode} exchanges every edge at a round's end" if mode != "async" else
+           f"K = {K} is not the file's round {topology.round}" if K != topology.round else
+           f"{cfg.algorithm.name} picks its own partners each round" if not algorithm.per_edge else "")
+    if why:
+        return None, f"{where} are ignored: {why}"
+    i = algorithm.rank
+    return ({j: topology.slots[min(i, j), max(i, j)] for j in algorithm.neighbors},
+            f"async: each edge exchanges once per round at {where} (its lower-ranked end's), K = {K}")
 
 
 ISVR_INTERVAL = 4  # K for pdmm_isvr/admm_isvr when neither the config nor the topology file sets one
@@ -173,6 +190,8 @@ def run(cfg: Config) -> None:
                      device, backend, cfg.algorithm.interval, node.flat.w.numel())
             if interval_warning:
                 log.warning(interval_warning)
+            if slots_line := edge_slots(cfg, topology, node.algorithm)[1]:
+                log.info(slots_line)
             if env.world_size > 1:
                 log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
@@ -212,12 +231,11 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             delay_s = 0.0
             for x, y in node.loader:
                 lr = lr_at(step, tcfg, acfg.lr)
-                exchange = (step + 1) % acfg.interval == 0
                 if slow and tcfg.step_delay > 0:
                     delay_s += (d := delays.exponential(tcfg.step_delay))
                     time.sleep(d)
                 loss, right = train_step(node.model, node.flat, node.algorithm, node.transport, x.to(comm.device),
-                                         y.to(comm.device), lr, exchange, acfg.l2_lambda)
+                                         y.to(comm.device), lr, step, acfg.l2_lambda)
                 loss_sum += loss
                 correct += right
                 n_seen += len(y)

@@ -16,14 +16,22 @@ one round stale and deterministic. `async` applies whatever has arrived, never o
 A message superseded on its edge before it was handed over is skipped, never applied; none is
 applied twice.
 
+With the seed's per-edge slots (`async` only, when K is the topology file's round; the trainer
+decides), an edge exchanges not at the round's end but once per round, after the local step t
+with t mod K = its slot, the slot of its lower-ranked end, so both ends post at the same step. At
+that step the same three moves happen for that edge alone: wait for its exchange of round r − S
+(r = t div K), hand over its newest completed message, post its message built from the rule's
+state now. Staleness and draining work per edge as above.
+
 This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes. An
-in-process transport for simulated nodes needs the same `end_round`, `drain` and state.
+in-process transport for simulated nodes needs the same `after_step`, `end_round`, `drain` and
+state.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +54,26 @@ class _InFlight:
 
 
 class Transport:
-    """A node's exchanges over `comm`, in mode `sync`, `overlap` or `async` (bound `max_staleness`)."""
+    """A node's exchanges over `comm`, in mode `sync`, `overlap` or `async` (bound `max_staleness`).
 
-    def __init__(self, comm: Comm, mode: str = "sync", max_staleness: int = 2):
+    Args:
+        interval: K, the local steps per round (`after_step` ends a round every K-th step).
+        slots: {peer: slot in 0..K-1}, the step of a round at which each edge exchanges; None: at the round's end.
+    """
+
+    def __init__(self, comm: Comm, mode: str = "sync", max_staleness: int = 2, interval: int = 1,
+                 slots: dict[int, int] | None = None):
         self.comm, self.mode = comm, mode
         self.S = STALENESS.get(mode, max_staleness)
+        self.K, self.slots = interval, slots
+        if slots is not None and self.S == 0:
+            raise ValueError("per-edge slots need a mode with staleness (async)")
         self.round = 0  # rounds ended so far: the next one to end is r = self.round
         self.in_flight: dict[int, deque[_InFlight]] = {}  # per peer, in posting order
         self.ready: dict[int, tuple[int, torch.Tensor]] = {}  # per peer: (round, message), completed, not handed over
         self.completed: dict[int, int] = {}  # per peer: exchanges completed (both directions)
         self.applied: dict[int, int] = {}  # per peer: messages handed to the rule
+        self.posted_at: dict[int, Counter] = {}  # slots: per peer, {step mod K: exchanges posted} (what tests check)
         self._pool: list[torch.Tensor] = []  # spare message buffers
         self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
         self._stats = _fresh_stats()
@@ -66,6 +84,24 @@ class Transport:
         s, self._stats = self._stats, _fresh_stats()
         return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
                 "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
+
+    def after_step(self, rule, step: int) -> None:
+        """After local step `step` (0-based, counted over the run): the exchanges due now, if any."""
+        if self.slots is None:
+            if (step + 1) % self.K == 0:
+                self.end_round(rule)
+            return
+        due = [j for j, slot in self.slots.items() if slot == step % self.K]
+        if due:
+            start, r = time.perf_counter(), step // self.K
+            self._collect(until=r - self.S, peers=due)
+            self._hand_over(rule, r, peers=due)
+            send = rule.messages()  # every peer's; only the due ones travel
+            self._post({j: send[j] for j in due if j in send}, r)
+            for j in due:
+                self.posted_at.setdefault(j, Counter())[step % self.K] += 1
+            self.comm.comm_s += time.perf_counter() - start
+        self.round = (step + 1) // self.K
 
     def end_round(self, rule) -> None:
         """The end of round r: exchange and apply as the mode says (module docstring)."""
@@ -105,9 +141,11 @@ class Transport:
         for j, posted in self.comm.post(copies, recv).items():
             self.in_flight.setdefault(j, deque()).append(_InFlight(r, posted, copies[j], recv[j]))
 
-    def _collect(self, until: int) -> None:
-        """Move completed exchanges to `ready`; wait for those of rounds <= until."""
+    def _collect(self, until: int, peers: list[int] | None = None) -> None:
+        """Move completed exchanges (with `peers` only) to `ready`; wait for those of rounds <= until."""
         for j, flights in self.in_flight.items():
+            if peers is not None and j not in peers:
+                continue
             while flights and (flights[0].round <= until or flights[0].posted.done()):
                 one = flights.popleft()
                 t0 = time.perf_counter()
@@ -120,16 +158,18 @@ class Transport:
                     self._pool.append(self.ready[j][1])
                 self.ready[j] = (one.round, one.received)
 
-    def _hand_over(self, rule, r: int) -> None:
-        rule.receive({j: msg for j, (_, msg) in self.ready.items()})
-        for j, (built, msg) in self.ready.items():
+    def _hand_over(self, rule, r: int, peers: list[int] | None = None) -> None:
+        """Give the rule the ready messages (from `peers` only), each once."""
+        give = {j: one for j, one in self.ready.items() if peers is None or j in peers}
+        rule.receive({j: msg for j, (_, msg) in give.items()})
+        for j, (built, msg) in give.items():
             self.applied[j] = self.applied.get(j, 0) + 1
             self._stats["sum"] += r - built  # staleness: this round minus the round the message was built in
             self._stats["n"] += 1
             self._stats["max"] = max(self._stats["max"], r - built)
             if self.S > 0:
                 self._pool.append(msg)
-        self.ready.clear()
+            del self.ready[j]
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         for k, t in enumerate(self._pool):

@@ -83,6 +83,7 @@ def test_the_seeds_3_node_file_sets_K(tmp_path):
     seed = load_topology(ROOT / "topologies" / "seed_n3_ring.json")
     assert (saved.edges, saved.round, saved.slots) == (seed.edges, 10, seed.slots)
     assert 'its "device" entries are ignored' in done.stderr and "K = 10" in done.stderr
+    assert "the per-edge slots of topology topologies/seed_n3_ring.json are ignored: --comm.mode sync" in done.stderr
     for rank in range(3):
         # 10 steps per epoch, one exchange with both neighbours every 10th step
         rows = _rows(run_dir / f"node{rank}.csv")

@@ -63,6 +63,10 @@ class Algorithm:
     momentum) is in `state_dict()` so a checkpoint restores it exactly.
     """
 
+    # messages() may be called at any step, its messages sent to some peers only: edges can exchange at
+    # different steps (the seed's per-edge slots). False for a rule whose messages() picks the round's partners.
+    per_edge = True
+
     def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, comm: Comm):
         self.flat, self.cfg, self.topology, self.comm = flat, cfg, topology, comm
         self.rank = comm.rank

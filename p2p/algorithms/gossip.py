@@ -20,6 +20,8 @@ class Gossip(Local):
     benchmarks/gossip_pair.py found a 2-rank subgroup all-reduce no faster on gloo.
     """
 
+    per_edge = False  # messages() advances the matching: one call per round
+
     def __init__(self, *args):
         super().__init__(*args)
         self.matchings = self.topology.matchings()
