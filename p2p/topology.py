@@ -65,6 +65,12 @@ class Topology:
         (the seed's slots only say at which step of a round an edge starts its exchange: `slot_edges`)."""
         return self.schedule[r % len(self.schedule)] if self.schedule is not None else self.edges
 
+    def active_neighbors(self, i: int, r: int) -> list[int]:
+        """Node i's neighbours in round r's graph, sorted (all of them on a static graph)."""
+        if self.schedule is None:
+            return self.neighbors(i)
+        return sorted({a + b - i for a, b in self.active(r) if i in (a, b)})
+
     def slot_edges(self, step: int) -> tuple[tuple[int, int], ...]:
         """The seed's slots as a schedule of steps: edge (i, j), i < j, is active at the local steps t with
         t mod round = slots[i, j], the slot of its lower-ranked end, so both ends agree on the step."""
@@ -263,13 +269,6 @@ def _time_varying(name: str, n: int) -> Topology:
     return _make(n, [e for graph in rounds for e in graph], f"{name}(n={n})", schedule=rounds)
 
 
-def require_static(topology: Topology) -> None:
-    """Until the exchange rules use `active(r)`, a time-varying graph must not silently run as its union."""
-    if topology.schedule is not None:
-        raise ConfigError(f"topology {topology.source}: time-varying topologies (schedule) are not used by the "
-                          f"algorithms yet; pick a static topology")
-
-
 def load_topology(path: str | Path) -> Topology:
     """Read our JSON format or the seed's node_list.json; every problem is a one-line ConfigError."""
     return _make(**read_topology_file(path))
@@ -281,7 +280,6 @@ def build_topology(cfg: TopologyConfig, world_size: int) -> Topology:
     if topo.n != world_size:
         raise ConfigError(f"topology {topo.source} has {topo.n} nodes but the world size is {world_size}: "
                           f"launch with --nproc_per_node {topo.n} or pick another topology")
-    require_static(topo)  # remove when the algorithms use schedules
     return topo
 
 

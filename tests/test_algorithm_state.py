@@ -48,7 +48,7 @@ def test_state_round_trip_is_exact(name):
         duals += list(algorithm.w_j.values())
     for t in duals:
         t.normal_(generator=gen)
-    if name == "gossip":
+    if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual: the exchange count r
         algorithm.rounds = 3
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "algorithm": algorithm.state_dict()}, buf)

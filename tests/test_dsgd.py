@@ -1,4 +1,5 @@
-"""DSGD on real gloo processes: parity with all-reduce on the complete graph, gossip at the spectral-gap rate.
+"""DSGD on real gloo processes: parity with all-reduce on the complete graph, gossip at the spectral-gap rate,
+exact averaging in log2 n rounds on the time-varying one_peer_hypercube.
 
 Float64 throughout, so the parity can be asserted to 1e-12 rather than to float32 noise.
 """
@@ -121,3 +122,32 @@ def test_gossip_on_a_ring_contracts_at_the_spectral_gap_rate():
     P = X.shape[2]
     for r in out:
         assert r["bytes_sent"] == [R * r["degree"] * P * 8 for R in range(1, rounds + 1)]
+
+
+def _hypercube_averaging(comm, rounds):
+    """dsgd with lr 0 from a different w_i on every rank, one exchange per step, on one_peer_hypercube."""
+    topo = generate("one_peer_hypercube", comm.world_size)
+    model = build_model(ModelConfig(name="logistic"), IN_SHAPE, CLASSES).double()
+    flat = FlatParams(model)
+    flat.w.copy_(torch.randn(flat.w.shape, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64))
+    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", lr=0.0), topo, comm)
+    flat.g.normal_()  # lr 0: the gradient must not matter
+    history, bytes_sent = [flat.w.clone()], []
+    for _ in range(rounds):
+        dsgd.step(0.0, exchange=True)
+        history.append(flat.w.clone())
+        bytes_sent.append(comm.bytes_sent)
+    return {"history": torch.stack(history), "bytes_sent": bytes_sent}
+
+
+def test_one_peer_hypercube_averages_exactly_in_log2_n_rounds():
+    n, rounds = 8, 4
+    out = run_ranks(_hypercube_averaging, n, rounds, timeout=180)
+    X = torch.stack([r["history"] for r in out], dim=1)  # (rounds + 1, n, P)
+    mean = X[0].mean(dim=0)
+    spread = [(X[t] - mean).abs().max().item() for t in range(rounds + 1)]
+    assert spread[2] > 1e-2, spread  # two rounds average groups of 4 only
+    assert spread[3] < 1e-12 and spread[4] < 1e-12, spread  # three rounds: everyone holds the mean, and keeps it
+    P = X.shape[2]
+    for r in out:  # one message of |w| float64s per node per exchange
+        assert r["bytes_sent"] == [R * P * 8 for R in range(1, rounds + 1)]

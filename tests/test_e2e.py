@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,3 +111,22 @@ def test_fashion_mnist_from_the_debian_copy_learns(tmp_path):
         assert rows[1]["train_loss"] < rows[0]["train_loss"]
         assert rows[1]["test_acc"] > 0.6  # 10 classes: chance is 0.1
     assert rows[1]["avg_test_acc"] > 0.6
+
+
+def test_quickstart_on_a_time_varying_graph(tmp_path):
+    """dsgd on one_peer_hypercube (2 rounds on 4 nodes): it learns, and each exchange is one message per node."""
+    run_dir = tmp_path / "hc"
+    proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
+                    "train.py", "--config", "configs/quickstart.toml", "--topology.name", "one_peer_hypercube",
+                    "--algorithm.name", "dsgd", "--train.epochs", "2", "--run.dir", str(run_dir),
+                    "--log.progress", "false", "--log.plots", "false"], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("topology one_peer_hypercube(n=4): 4 nodes, 4 edges, degree 2..2 in the union; schedule of 2 rounds, "
+            "degree 1..1 per round, gap of the period product 1.0000 (metropolis mixing per round)") in proc.stderr
+    P = int(re.search(r"K = 1, (\d+) parameters", proc.stderr).group(1))
+    for i in range(NODES):
+        rows = _rows(run_dir / f"node{i}.csv")
+        assert rows[1]["train_loss"] < rows[0]["train_loss"], (i, rows)
+        rounds = [r["exchanges"] for r in rows]  # K = 1: one round per step, one partner per round
+        assert rounds[0] == rounds[1] > 0
+        assert [r["bytes_sent"] for r in rows] == [rounds[0] * P * 4, 2 * rounds[0] * P * 4]  # float32

@@ -10,7 +10,7 @@ w̄ and with consensus, max_i ‖w_i − w̄‖.
 
 Everything runs in one spawn of N processes: every algorithm on a ring and on an irregular graph
 (the ring plus two chords at node 0: degrees 4, 2, 3, 3, 2), where an asymmetric penalty would be
-biased. Each run stops once it meets the tolerance, or after MAX_STEPS (and then fails). The first
+biased, and the primal-dual rules and dsgd on a time-varying graph (the ring's edges in two rounds). Each run stops once it meets the tolerance, or after MAX_STEPS (and then fails). The first
 steps of every run are also replayed from the equations in this process (to 1e-12), which catches
 what a fixed point cannot (e.g. an admm that is really pdmm), and the byte counters are checked.
 """
@@ -36,6 +36,9 @@ TOL, CHECK_EVERY, MAX_STEPS = 1e-6, 50, 2000
 RING = Topology(N, ((0, 1), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)")
 IRREGULAR = Topology(N, ((0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (2, 3), (3, 4)), source="ring(5)+chords")
 TOPOLOGIES = {"ring": RING, "irregular": IRREGULAR}
+# a time-varying graph: the ring's edges in 2 rounds, neither of them connected (ALGORITHMS.md, "Time-varying graphs")
+SCHEDULED = Topology(N, RING.edges, source="ring(5) in 2 rounds", schedule=(((0, 1), (2, 3)), ((0, 4), (1, 2), (3, 4))))
+SCHEDULED_RULES = ["pdmm", "admm", "pdmm_isvr", "admm_isvr"]  # the primal-dual rules; dsgd is replayed
 EXACT = {  # label: the AlgorithmConfig fields besides lr, l2_lambda and interval 1
     "pdmm": dict(name="pdmm", eta=ETA),
     "admm": dict(name="admm", eta=ETA),
@@ -140,6 +143,9 @@ def _solve_all(comm) -> dict:
         for label, fields in REPLAY_ONLY.items():
             steps = DSGD_STEPS if label == "dsgd" else REPLAY_STEPS
             out[topo_name, label] = _run(comm, topology, fields, x, y, steps, stop_at_tol=False)
+    for label in SCHEDULED_RULES:
+        out["scheduled", label] = _run(comm, SCHEDULED, EXACT[label], x, y, MAX_STEPS, stop_at_tol=True)
+    out["scheduled", "dsgd"] = _run(comm, SCHEDULED, REPLAY_ONLY["dsgd"], x, y, REPLAY_STEPS, stop_at_tol=False)
     return out
 
 
@@ -154,6 +160,14 @@ def test_reaches_the_centralized_optimum(runs, label, topology):
     r = runs[0][topology, label]
     grad_F, spread = r["trace"][-1]
     assert grad_F <= TOL and spread <= TOL, (label, topology, r["steps"], r["trace"][-3:])
+
+
+@pytest.mark.parametrize("label", SCHEDULED_RULES)
+def test_on_a_time_varying_graph_too(runs, label):
+    """Duals on the union's edges, updated only while their edge is active: the optimum is unchanged."""
+    r = runs[0]["scheduled", label]
+    grad_F, spread = r["trace"][-1]
+    assert grad_F <= TOL and spread <= TOL, (label, r["steps"], r["trace"][-3:])
 
 
 @pytest.mark.parametrize("label", [k for k, v in EXACT.items() if v["name"] in ("pdmm", "admm", "pdmm_isvr", "admm_isvr")])
@@ -192,7 +206,6 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
          for i in range(n) for j in N_[i]}  # z_{i|j}
     w_j = {(i, j): W[j].clone() for i in range(n) for j in N_[i]}  # cadmm: the last received w_j
     alpha = torch.zeros_like(W)
-    Mix = torch.from_numpy(topology.mixing_matrix("metropolis"))
     beta, m = cfg.momentum, torch.zeros_like(W)  # torch SGD's momentum buffers, one row per node
     out = [W.clone()]
     for t in range(REPLAY_STEPS):
@@ -203,11 +216,12 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
             m = g.clone() if t == 0 else beta * m + (1 - cfg.dampening) * g
             g = g + beta * m if cfg.nesterov else m
         exchange = (t + 1) % K == 0
+        active = topology.active((t + 1) // K - 1)  # the graph of this exchange (every edge on a static graph)
         if name == "allreduce":
             W = W - lr * g
         elif name == "dsgd":
             W = W - lr * g
-            W = Mix @ W if exchange else W
+            W = torch.from_numpy(topology.mixing_matrix("metropolis", active)) @ W if exchange else W
         elif name == "cadmm":
             W = torch.stack([(W[i] / lr - g[i] - alpha[i] + sum(c(i, j) * (W[i] + w_j[i, j]) for j in N_[i]))
                              / (1 / lr + 2 * sum(c(i, j) for j in N_[i])) for i in range(n)])
@@ -219,18 +233,19 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
                              / (1 / lr + sum(c(i, j) for j in N_[i])) for i in range(n)])
             if exchange:
                 y_ = {(i, j): z[i, j] - 2 * A(i, j) * W[i] for (i, j) in z}
-                z = {(i, j): y_[j, i] if name.startswith("pdmm") else 0.5 * z[i, j] + 0.5 * y_[j, i] for (i, j) in z}
+                z = {(i, j): z[i, j] if (min(i, j), max(i, j)) not in active else y_[j, i] if name.startswith("pdmm")
+                     else 0.5 * z[i, j] + 0.5 * y_[j, i] for (i, j) in z}
         out.append(W.clone())
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES)
-@pytest.mark.parametrize("label", [*EXACT, *REPLAY_ONLY])
+@pytest.mark.parametrize("topology, label", [(t, label) for t in TOPOLOGIES for label in [*EXACT, *REPLAY_ONLY]]
+                         + [("scheduled", label) for label in [*SCHEDULED_RULES, "dsgd"]])
 def test_first_steps_follow_the_equations(runs, label, topology):
     """Every node's weights after each of the first steps equal a replay of ALGORITHMS.md's rules."""
     fields = {**EXACT, **REPLAY_ONLY}[label]
     got = torch.stack([node[topology, label]["w"] for node in runs], dim=1)  # (steps + 1, n, P)
-    want = _replay(fields, TOPOLOGIES[topology])
+    want = _replay(fields, {**TOPOLOGIES, "scheduled": SCHEDULED}[topology])
     assert (got[1] - got[0]).abs().max().item() > 1e-3  # the steps do move the weights
     err = (got - want).abs().amax(dim=(1, 2))
     assert err.max().item() < 1e-12, (label, topology, err.tolist())
@@ -245,9 +260,11 @@ def test_dsgd_with_a_constant_step_stays_off_the_optimum(runs, topology):
     assert abs(grad_F - half_grad) < 1e-3 * grad_F, (half_grad, grad_F)
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("topology", [*TOPOLOGIES, "scheduled"])
 def test_bytes_per_exchange(runs, topology):
-    """dsgd, cadmm, primal-dual: d_i·|w|·8 per exchange; allreduce: 2(n−1)/n·|w|·8 per step."""
+    """dsgd, cadmm, primal-dual: d_i·|w|·8 per exchange, d_i the degree in exchange r's graph;
+    allreduce: 2(n−1)/n·|w|·8 per step."""
+    graph = {**TOPOLOGIES, "scheduled": SCHEDULED}[topology]
     for rank, node in enumerate(runs):
         for label, r in node.items():
             if label[0] != topology:
@@ -256,7 +273,8 @@ def test_bytes_per_exchange(runs, topology):
             if label[1] == "allreduce":
                 assert r["bytes"] == r["steps"] * (2 * (N - 1) * size // N), (rank, label)
             else:
-                assert r["exchanges"] > 0 and r["bytes"] == r["exchanges"] * r["degree"] * size, (rank, label)
+                sent = sum(len(graph.active_neighbors(rank, e)) for e in range(r["exchanges"]))
+                assert r["exchanges"] > 0 and r["bytes"] == sent * size, (rank, label)
 
 
 # --- configuration checks of the primal-dual rules (in-process: the constructor only reads comm.rank) --------------

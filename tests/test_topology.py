@@ -6,12 +6,15 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from p2p.config import ConfigError, TopologyConfig
-from p2p.topology import Topology, build_topology, generate, load_topology, main, require_static
+from p2p.algorithms import ALGORITHMS, FlatParams, build_algorithm
+from p2p.config import AlgorithmConfig, ConfigError, TopologyConfig
+from p2p.topology import Topology, build_topology, generate, load_topology, main
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,11 +232,23 @@ def test_schedule_summary_save_and_cli(tmp_path):
     assert load_topology(write(tmp_path, data)).edges == ((0, 1), (1, 2), (2, 3))
 
 
-def test_build_topology_refuses_schedules_until_the_algorithms_use_them():
-    with pytest.raises(ConfigError, match="^topology one_peer_hypercube\\(n=8\\): time-varying topologies "
-                                          "\\(schedule\\) are not used by the algorithms yet"):
-        build_topology(TopologyConfig(name="one_peer_hypercube"), 8)
-    require_static(generate("ring", 4))  # static graphs pass
+def test_schedules_reach_the_rules_that_use_them(tmp_path):
+    """build_topology passes a schedule on; dsgd and the primal-dual rules use it, gossip and cadmm refuse it."""
+    t = build_topology(TopologyConfig(name="one_peer_hypercube"), 8)
+    assert [t.active_neighbors(5, r) for r in range(4)] == [[4], [7], [1], [4]]  # 5 XOR 1, 2, 4, 1
+    assert t.neighbors(5) == [1, 4, 7]
+    assert generate("ring", 5).active_neighbors(0, 3) == [1, 4]  # static: every neighbour every round
+    main(["one_peer_hypercube", "16", "-o", str(tmp_path / "h16.json")])
+    assert load_topology(tmp_path / "h16.json").schedule == generate("one_peer_hypercube", 16).schedule
+    model = torch.nn.Linear(2, 2)
+    for name in ALGORITHMS:
+        cfg = AlgorithmConfig(name=name, interval=4 if name.endswith("_isvr") else 1)
+        build = lambda: build_algorithm(FlatParams(model), cfg, t, SimpleNamespace(rank=5, world_size=8))  # noqa: E731
+        if name in ("gossip", "cadmm"):
+            with pytest.raises(ConfigError, match=f"^{name} .*one_peer_hypercube\\(n=8\\).*; use "):
+                build()
+        else:
+            build()
 
 
 # --- signs and matchings ------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class CADMM(Algorithm):
     pulling towards neighbour copies up to K − 1 steps old — the staleness for which the spec already
     forbids cadmm in overlap/async — and it diverged on the digits CNN (8-node ring, compare_digits:
     K = 4 ended with consensus distance 1e29 with and without momentum; K = 2 learned, 0.899 vs 0.925
-    at K = 1). pdmm at K = 4 is stable (0.920).
+    at K = 1). pdmm at K = 4 is stable (0.920). For the same staleness a time-varying topology is a
+    configuration error (an inactive edge's copy w_j would be rounds old).
     """
 
     def __init__(self, *args):
@@ -36,6 +37,9 @@ class CADMM(Algorithm):
         if self.cfg.interval != 1:
             raise ConfigError(f"cadmm needs --algorithm.interval 1 (got {self.cfg.interval}): with stale neighbour "
                               f"copies between exchanges it diverges; use pdmm for K > 1")
+        if self.topology.schedule is not None:
+            raise ConfigError(f"cadmm cannot use the time-varying topology {self.topology.source}: its neighbour "
+                              f"copies would go stale on inactive edges; use pdmm or admm")
         w, top = self.flat.w, self.topology
         v = self.flat.fan_in() if self.cfg.penalty_scale == "fan_in" else 1.0
         d_i = top.degree(self.rank) if top.n > 1 else 0

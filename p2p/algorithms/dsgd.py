@@ -8,13 +8,15 @@ from p2p.algorithms.local import Local
 class DSGD(Local):
     """Local step exactly as torch.optim.SGD: w_i ← w_i − γ_t d_i (momentum stays local).
 
-    At an exchange (every K-th step): send w_i to every neighbour, receive every w_j, then
+    At exchange number r (every K-th step): send w_i to every neighbour j active in round r
+    (every neighbour on a static graph), receive every such w_j, then
 
-        w_i ← W_ii w_i + Σ_{j∈N(i)} W_ij w_j
+        w_i ← W_ii(r) w_i + Σ_{j∈N_r(i)} W_ij(r) w_j
 
-    with W from the topology (`algorithm.mixing`: metropolis, uniform or the file's weights).
-    With staleness (`overlap`, `async`) a round may bring messages from only some neighbours M ⊆ N(i);
-    each is mixed in once, as the same update written per edge (W_ii = 1 − Σ_j W_ij):
+    with W(r) the mixing matrix of round r's graph (`algorithm.mixing`: metropolis, uniform or the
+    file's weights; a static graph's W every round). With staleness (`overlap`, `async`) a round may
+    bring messages from only some neighbours M; each is mixed in once, as the same update written per
+    edge (W_ii = 1 − Σ_j W_ij), with W_ij of the latest round in which this node sent to j:
 
         w_i ← w_i + Σ_{j∈M} W_ij (w_j − w_i)
 
@@ -25,21 +27,41 @@ class DSGD(Local):
 
     def __init__(self, *args):
         super().__init__(*args)
-        W = self.topology.mixing_matrix(self.cfg.mixing)
-        i = self.rank
-        self.W_ii = float(W[i, i])
-        self.W_ij = {j: float(W[i, j]) for j in self.neighbors}
+        top, i = self.topology, self.rank
+        self.rows = []  # per graph of the schedule (one for a static graph): (W_ii, {j: W_ij} over its peers)
+        for r, graph in enumerate(top.schedule if top.schedule is not None else (top.edges,)):
+            W = top.mixing_matrix(self.cfg.mixing, graph)
+            self.rows.append((float(W[i, i]), {j: float(W[i, j]) for j in top.active_neighbors(i, r)}))
+        self.rounds = 0  # exchanges so far: r
+        self.W_ii, self.W_ij = 1.0, {}  # the row of the latest round this node sent in
+        self.weight: dict[int, float] = {}  # per neighbour: W_ij of the latest round this node sent to j
+
+    def _sent(self, r: int) -> None:
+        self.W_ii, self.W_ij = self.rows[r % len(self.rows)]
+        self.weight.update(self.W_ij)
 
     def messages(self) -> dict[int, torch.Tensor]:
-        return {j: self.flat.w for j in self.neighbors}
+        """w_i to this round's peers; r advances once per round."""
+        self._sent(self.rounds)
+        self.rounds += 1
+        return {j: self.flat.w for j in self.W_ij}
 
     def receive(self, msgs: dict[int, torch.Tensor]) -> None:
         w = self.flat.w
-        if len(msgs) == len(self.neighbors):
+        if msgs.keys() == self.W_ij.keys():  # every peer of the latest round: sync, or overlap on time
             w.mul_(self.W_ii)
-            for j in self.neighbors:
-                w.add_(msgs[j], alpha=self.W_ij[j])
+            for j, W_ij in self.W_ij.items():
+                w.add_(msgs[j], alpha=W_ij)
         elif msgs:
             w_i = w.clone()
             for j, w_j in msgs.items():
-                w.add_(w_j - w_i, alpha=self.W_ij[j])
+                w.add_(w_j - w_i, alpha=self.weight[j])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rounds = state["rounds"]
+        for r in range(max(0, self.rounds - len(self.rows)), self.rounds):  # the weights of the last period
+            self._sent(r)

@@ -5,6 +5,7 @@ import random
 import torch
 
 from p2p.algorithms.local import Local
+from p2p.config import ConfigError
 
 
 class Gossip(Local):
@@ -18,12 +19,18 @@ class Gossip(Local):
     `random` draws it from `random.Random(r)`, identical on every node, so all nodes agree on the
     matching without talking and the schedule needs no state beyond r. Pairs use send/recv:
     benchmarks/gossip_pair.py found a 2-rank subgroup all-reduce no faster on gloo.
+
+    Decision: a time-varying topology is a configuration error. Its matchings already are such a
+    schedule; dsgd on a schedule of matchings (one_peer_hypercube) is pairwise averaging.
     """
 
     per_edge = False  # messages() advances the matching: one call per round
 
     def __init__(self, *args):
         super().__init__(*args)
+        if self.topology.schedule is not None:
+            raise ConfigError(f"gossip picks its own matching per exchange, so it takes a static topology, not "
+                              f"{self.topology.source}; use dsgd (on one_peer_hypercube it is pairwise averaging)")
         self.matchings = self.topology.matchings()
         self.rounds = 0  # exchanges so far: r
 

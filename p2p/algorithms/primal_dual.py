@@ -24,10 +24,14 @@ class PrimalDual(Algorithm):
 
         w_i ← (w_i/γ_t − c_g d_i + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ_t + Σ_j c_ij)
 
-    At an exchange, for every neighbour j:
+    At exchange number r, for every neighbour j active in round r (every neighbour on a static graph):
 
         y_{i|j} = z_{i|j} − 2 A_{i|j} w_i;   send y_{i|j} to j, receive y_{j|i}
         pdmm:  z_{i|j} ← y_{j|i}             admm:  z_{i|j} ← ½ z_{i|j} + ½ y_{j|i}
+
+    On a time-varying graph every edge of the union keeps its dual, unchanged while the edge is
+    inactive, and j ranges over the union's neighbours in the primal step; degrees d_i are the union's,
+    so the penalties stay fixed.
 
     Penalty rules, both written c_ij = k_ij / γ_t with k_ij fixed at start-up, d = max(d_i, d_j):
         ecl:   k_ij = η v_p / d,  v_p = sqrt(fan_in(p)) (`penalty_scale = fan_in`) or 1;  c_g = 1
@@ -86,6 +90,7 @@ class PrimalDual(Algorithm):
         # z_{i|j}: A_{i|j} w_0 (consensus) or 0 (zero), see the class docstring
         self.z = {j: w.mul(self.A[j]) if cfg.dual_init == "consensus" else torch.zeros_like(w) for j in self.neighbors}
         self.y = {j: torch.empty_like(w) for j in self.neighbors}  # y_{i|j}, sent
+        self.rounds = 0  # exchanges so far: r
 
     def update(self, lr: float) -> None:
         w, A, z = self.flat.w, self.A, self.z
@@ -98,9 +103,12 @@ class PrimalDual(Algorithm):
         w.copy_(numer.div_(1 + self.k_sum))
 
     def messages(self) -> dict[int, torch.Tensor]:
-        for j in self.neighbors:
+        """y_{i|j} to this round's peers; r advances once per round."""
+        peers = self.topology.active_neighbors(self.rank, self.rounds)
+        self.rounds += 1
+        for j in peers:
             torch.sub(self.z[j], self.flat.w, alpha=2 * self.A[j], out=self.y[j])
-        return self.y
+        return {j: self.y[j] for j in peers}
 
     def receive(self, msgs: dict[int, torch.Tensor]) -> None:
         z = self.z
@@ -128,9 +136,10 @@ class PrimalDual(Algorithm):
                 "penalty_ratio": pull.norm().item() / step if step > 0 else 0.0}
 
     def state_dict(self) -> dict:
-        return {"z": self.z, "momentum": self.direction.state_dict()}
+        return {"z": self.z, "momentum": self.direction.state_dict(), "rounds": self.rounds}
 
     def load_state_dict(self, state: dict) -> None:
         self.direction.load_state_dict(state["momentum"])
+        self.rounds = state["rounds"]
         for j in self.neighbors:
             self.z[j].copy_(state["z"][j])
