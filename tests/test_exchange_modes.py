@@ -316,7 +316,8 @@ def test_async_killed_and_resumed_finishes(tmp_path):
         assert epochs(run, r) == [1, 2, 3]
         for row in rows(run, r):
             assert int(row["exchanges"]) == 2 * 100 and 1 <= float(row["staleness_max"]) <= 2, row
-            assert float(row["test_acc"]) > 0.5
+        # it trains (one node's accuracy after epoch 1 varies with the async interleaving: 0.46-0.73 seen)
+        assert float(rows(run, r)[-1]["test_acc"]) > 0.8
 
 
 @pytest.mark.timeout(300)
