@@ -80,7 +80,7 @@ class TopologyConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "dsgd"  # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm
+    name: str = "dsgd"  # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco
     optimizer: str = "sgd"  # sgd | adam (local and allreduce)
     lr: float = 0.05  # learning rate (gamma)
     momentum: float = 0.0  # SGD momentum β, for every rule (primal-dual and cadmm: torch SGD's direction)
@@ -96,6 +96,9 @@ class AlgorithmConfig:
     piw: float = 1.0  # ISVR: 0.5 | 1 | 2
     use_gcoef: bool = False  # ISVR: scale the gradient by c_g
     schedule: str = "cyclic"  # gossip matchings: cyclic | random
+    compressor: str = "none"  # choco: none | topk | randk | qsgd8
+    ratio: float = 0.1  # choco topk, randk: the fraction rho of entries sent
+    consensus_lr: float = 1.0  # choco: gamma_c; tune it to the compression (about rho for topk; none: 1 = dsgd)
 
 
 @dataclass
@@ -152,7 +155,7 @@ CHOICES: dict[str, tuple] = {
     "topology.name": ("ring", "torus", "complete", "star", "exponential", "random_regular", "one_peer_hypercube",
                       "exponential_schedule"),
     "algorithm.name": (
-        "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm",
+        "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco",
     ),
     "algorithm.optimizer": ("sgd", "adam"),
     "algorithm.mixing": ("metropolis", "uniform", "file"),
@@ -160,6 +163,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.dual_init": ("consensus", "zero"),
     "algorithm.piw": (0.5, 1.0, 2.0),
     "algorithm.schedule": ("cyclic", "random"),
+    "algorithm.compressor": ("none", "topk", "randk", "qsgd8"),
     "train.scheduler": ("none", "step"),
     "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
@@ -291,6 +295,8 @@ def load_config(argv: list[str]) -> Config:
 # Rules that only run in comm.mode sync, and why (README, "Exchange modes"; tests/test_exchange_modes.py).
 SYNC_ONLY = {
     "allreduce": "allreduce is a blocking all-reduce every step; use --comm.mode sync",
+    "choco": "choco's copies x_hat_j must stay identical at both ends, and a stale or skipped message "
+             "desynchronises them; use --comm.mode sync",
     "cadmm": "cadmm diverges with stale neighbour weights (ALGORITHMS.md); use --comm.mode sync",
     "pdmm": "pdmm's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
             "use admm or --comm.mode sync",
@@ -319,6 +325,8 @@ def validate(cfg: Config) -> None:
         (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),
          "--algorithm.piw 2 with --algorithm.interval 1 gives a negative ISVR penalty: use interval >= 2 or piw <= 1"),
         (a.eta > 0, "--algorithm.eta must be > 0"),
+        (0 < a.ratio <= 1, "--algorithm.ratio must be in (0, 1]"),
+        (a.consensus_lr > 0 and finite(a.consensus_lr), "--algorithm.consensus_lr must be > 0 and finite"),
         # torch's optimizers reject negative momentum and weight decay with a traceback; inf/nan only diverge
         (a.momentum >= 0 and finite(a.momentum), "--algorithm.momentum must be >= 0 and finite"),
         (0 <= a.dampening <= 1, "--algorithm.dampening must be in [0, 1]"),

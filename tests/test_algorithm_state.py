@@ -46,9 +46,10 @@ def test_state_round_trip_is_exact(name):
     duals = [*getattr(algorithm, "z", {}).values(), getattr(algorithm, "alpha", torch.empty(0))]
     if name == "cadmm":  # its last received neighbour weights (gossip's w_j is only a receive buffer)
         duals += list(algorithm.w_j.values())
+    duals += list(getattr(algorithm, "x_hat", {}).values())  # choco's public copies x̂_j
     for t in duals:
         t.normal_(generator=gen)
-    if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual: the exchange count r
+    if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual, choco: the exchange count r
         algorithm.rounds = 3
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "algorithm": algorithm.state_dict()}, buf)
@@ -62,4 +63,6 @@ def test_state_round_trip_is_exact(name):
     _steps(model2, flat2, algorithm2, seed=2, n=5)
     assert torch.equal(flat.w, flat2.w)
     assert getattr(algorithm2, "rounds", None) == getattr(algorithm, "rounds", None)
+    for j, x in getattr(algorithm, "x_hat", {}).items():
+        assert torch.equal(algorithm2.x_hat[j], x)
     assert not torch.equal(flat.w, _build(name)[1].w)  # it trained: the check compares something

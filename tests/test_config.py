@@ -139,6 +139,11 @@ def test_malformed_command_lines_and_files(tmp_path):
     (["--train.scheduler", "stepp"], "--train.scheduler: unknown value 'stepp' (did you mean 'step'?)"),
     (["--algorithm.optimizer", "adam"], "--algorithm.optimizer adam is only for local and allreduce"),
     (["--comm.timeout_s", "inf"], "--comm.timeout_s must be > 0 and finite"),  # timedelta(inf) would overflow
+    (["--algorithm.ratio", "0"], "--algorithm.ratio must be in (0, 1]"),
+    (["--algorithm.ratio", "1.5"], "--algorithm.ratio must be in (0, 1]"),
+    (["--algorithm.consensus_lr", "0"], "--algorithm.consensus_lr must be > 0 and finite"),
+    (["--algorithm.compressor", "top_k"], "--algorithm.compressor: unknown value 'top_k' (did you mean 'topk'?)"),
+    (["--algorithm.name", "choco", "--comm.mode", "overlap"], "x_hat_j must stay identical at both ends"),
 ])
 def test_validate_names_the_flag(argv, expected):
     assert expected in error(argv)

@@ -233,7 +233,7 @@ def test_schedule_summary_save_and_cli(tmp_path):
 
 
 def test_schedules_reach_the_rules_that_use_them(tmp_path):
-    """build_topology passes a schedule on; dsgd and the primal-dual rules use it, gossip and cadmm refuse it."""
+    """build_topology passes a schedule on; dsgd and the primal-dual rules use it, gossip, cadmm and choco refuse it."""
     t = build_topology(TopologyConfig(name="one_peer_hypercube"), 8)
     assert [t.active_neighbors(5, r) for r in range(4)] == [[4], [7], [1], [4]]  # 5 XOR 1, 2, 4, 1
     assert t.neighbors(5) == [1, 4, 7]
@@ -244,7 +244,7 @@ def test_schedules_reach_the_rules_that_use_them(tmp_path):
     for name in ALGORITHMS:
         cfg = AlgorithmConfig(name=name, interval=4 if name.endswith("_isvr") else 1)
         build = lambda: build_algorithm(FlatParams(model), cfg, t, SimpleNamespace(rank=5, world_size=8))  # noqa: E731
-        if name in ("gossip", "cadmm"):
+        if name in ("gossip", "cadmm", "choco"):
             with pytest.raises(ConfigError, match=f"^{name} .*one_peer_hypercube\\(n=8\\).*; use "):
                 build()
         else:

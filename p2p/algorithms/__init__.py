@@ -5,6 +5,7 @@ from functools import partial
 from p2p.algorithms.allreduce import AllReduce
 from p2p.algorithms.base import Algorithm, FlatParams
 from p2p.algorithms.cadmm import CADMM
+from p2p.algorithms.choco import Choco
 from p2p.algorithms.dsgd import DSGD
 from p2p.algorithms.gossip import Gossip
 from p2p.algorithms.local import Local
@@ -23,6 +24,7 @@ ALGORITHMS = {
     "pdmm_isvr": partial(PrimalDual, dual="pdmm", penalty="isvr"),
     "admm_isvr": partial(PrimalDual, dual="admm", penalty="isvr"),
     "cadmm": CADMM,
+    "choco": Choco,
 }
 
 
