@@ -20,10 +20,10 @@ def main(argv: list[str]) -> int:
     try:
         run(load_config(argv))
     except ConfigError as e:  # a user mistake: nothing was started or written
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a log file do not run lines together
         return 2
     except (NonFiniteLoss, PeerFailure) as e:  # the run failed; its last checkpoint is kept
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a log file do not run lines together
         return 1
     return 0
 
