@@ -5,12 +5,18 @@ Every run has a deadline: a hung collective fails the test instead of hanging CI
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import queue
+import signal
+import subprocess
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
+
+import pytest
 
 import torch
 import torch.multiprocessing as mp
@@ -72,3 +78,26 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(world_size)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root; on timeout kill its whole process group (torchrun's workers too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def csv_rows(path: Path) -> list[dict[str, float | None]]:
+    """A node's CSV as floats (None for empty cells)."""
+    with path.open() as f:
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,15 +1,12 @@
 """The quickstart, shortened, launched exactly as a user would: torchrun, 4 nodes, gloo on CPU."""
 
-import csv
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from distributed import csv_rows, launch
 from p2p.config import load_config
 
 pytestmark = pytest.mark.timeout(420)
@@ -19,28 +16,9 @@ EPOCHS, NODES = 3, 4
 HEADER = "epoch,train_loss,val_loss,test_loss,train_acc,val_acc,test_acc"
 
 
-def _launch(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run `cmd` from the repository root; on timeout kill its whole process group (torchrun's workers too)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _rows(path: Path) -> list[dict[str, float]]:
-    with path.open() as f:
-        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def test_quickstart_under_torchrun(tmp_path):
     run_dir = tmp_path / "qs"
-    proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
+    proc = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
                     "train.py", "--config", "configs/quickstart.toml", "--train.epochs", str(EPOCHS),
                     "--run.dir", str(run_dir), "--log.progress", "false"], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +31,7 @@ def test_quickstart_under_torchrun(tmp_path):
         assert header.startswith(HEADER), header
         for column in ("consensus_dist", "avg_test_acc", "lr", "bytes_sent", "compute_s", "comm_s"):
             assert column in header.split(","), column
-        rows = _rows(path)
+        rows = csv_rows(path)
         assert [r["epoch"] for r in rows] == [1, 2, 3]
         assert rows[-1]["train_loss"] < rows[0]["train_loss"], (i, [r["train_loss"] for r in rows])
         sent = [r["bytes_sent"] for r in rows]
@@ -70,7 +48,7 @@ def test_quickstart_under_torchrun(tmp_path):
     assert "loss/train" in acc.Tags()["scalars"]
     points = acc.Scalars("loss/train")
     assert [p.step for p in points] == [1, 2, 3]
-    csv_loss = [r["train_loss"] for r in _rows(run_dir / "node0.csv")]
+    csv_loss = [r["train_loss"] for r in csv_rows(run_dir / "node0.csv")]
     assert [p.value for p in points] == pytest.approx(csv_loss, rel=1e-6)
     acc = EventAccumulator(str(run_dir / "tb" / "global"))
     acc.Reload()
@@ -84,7 +62,7 @@ def test_quickstart_under_torchrun(tmp_path):
 
     # a second launch into the same directory refuses, in one line, and touches nothing
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
-    proc = _launch([sys.executable, "train.py", "--config", "configs/quickstart.toml", "--train.epochs", "1",
+    proc = launch([sys.executable, "train.py", "--config", "configs/quickstart.toml", "--train.epochs", "1",
                     "--run.dir", str(run_dir), "--log.progress", "false"], timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -104,10 +82,10 @@ def test_fashion_mnist_from_the_debian_copy_learns(tmp_path):
            "--data.samples_per_epoch", "3200", "--model.name", "mlp", "--algorithm.name", "pdmm",
            "--algorithm.lr", "0.1", "--algorithm.eta", "0.05", "--train.epochs", "2", "--run.dir", str(out),
            "--log.progress", "false", "--log.plots", "false"]
-    done = _launch(cmd, timeout=240)
+    done = launch(cmd, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in range(2):
-        rows = _rows(out / f"node{rank}.csv")
+        rows = csv_rows(out / f"node{rank}.csv")
         assert rows[1]["train_loss"] < rows[0]["train_loss"]
         assert rows[1]["test_acc"] > 0.6  # 10 classes: chance is 0.1
     assert rows[1]["avg_test_acc"] > 0.6
@@ -116,7 +94,7 @@ def test_fashion_mnist_from_the_debian_copy_learns(tmp_path):
 def test_quickstart_on_a_time_varying_graph(tmp_path):
     """dsgd on one_peer_hypercube (2 rounds on 4 nodes): it learns, and each exchange is one message per node."""
     run_dir = tmp_path / "hc"
-    proc = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
+    proc = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
                     "train.py", "--config", "configs/quickstart.toml", "--topology.name", "one_peer_hypercube",
                     "--algorithm.name", "dsgd", "--train.epochs", "2", "--run.dir", str(run_dir),
                     "--log.progress", "false", "--log.plots", "false"], timeout=240)
@@ -125,7 +103,7 @@ def test_quickstart_on_a_time_varying_graph(tmp_path):
             "degree 1..1 per round, gap of the period product 1.0000 (metropolis mixing per round)") in proc.stderr
     P = int(re.search(r"K = 1, (\d+) parameters", proc.stderr).group(1))
     for i in range(NODES):
-        rows = _rows(run_dir / f"node{i}.csv")
+        rows = csv_rows(run_dir / f"node{i}.csv")
         assert rows[1]["train_loss"] < rows[0]["train_loss"], (i, rows)
         rounds = [r["exchanges"] for r in rows]  # K = 1: one round per step, one partner per round
         assert rounds[0] == rounds[1] > 0

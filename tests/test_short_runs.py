@@ -1,9 +1,7 @@
 """Short real runs of input variants: full batch without a validation split, the seed's topology
 file setting K, and a loop that fails with its metrics still written."""
 
-import csv
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed import csv_rows, launch
 from p2p import checkpoint, metrics
 from p2p.comm import free_port
 from p2p.config import load_config
@@ -24,24 +23,11 @@ LOGISTIC_BYTES = (64 * 10 + 10) * 4  # |w| of the logistic model on 8x8 digits, 
 
 
 def _torchrun(nodes: int, args: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
-    """torchrun train.py from the repository root; on timeout kill its whole process group."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nodes),
-           "train.py", "--log.progress", "false", "--log.plots", "false", *args]
-    with subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"torchrun did not finish in {timeout}s:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _rows(path: Path) -> list[dict[str, float | None]]:
-    with path.open() as f:
-        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+    """torchrun train.py with `nodes` ranks; it must succeed."""
+    done = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nodes),
+                   "train.py", "--log.progress", "false", "--log.plots", "false", *args], timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def test_full_batch_without_validation_split(tmp_path):
@@ -57,7 +43,7 @@ def test_full_batch_without_validation_split(tmp_path):
     shards = partition(splits.train_labels, 2, cfg.data)
     assert sum(len(s) for s in shards) == 1437  # nothing held out for validation
     for rank in range(2):
-        rows = _rows(run_dir / f"node{rank}.csv")
+        rows = csv_rows(run_dir / f"node{rank}.csv")
         assert [r["epoch"] for r in rows] == [1, 2, 3]
         loss = [r["train_loss"] for r in rows]
         assert loss[2] < loss[1] < loss[0], loss
@@ -86,7 +72,7 @@ def test_the_seeds_3_node_file_sets_K(tmp_path):
     assert "the per-edge slots of topology topologies/seed_n3_ring.json are ignored: --comm.mode sync" in done.stderr
     for rank in range(3):
         # 10 steps per epoch, one exchange with both neighbours every 10th step
-        rows = _rows(run_dir / f"node{rank}.csv")
+        rows = csv_rows(run_dir / f"node{rank}.csv")
         assert [r["bytes_sent"] for r in rows] == [2 * LOGISTIC_BYTES, 4 * LOGISTIC_BYTES]
 
 
@@ -135,6 +121,6 @@ def test_isvr_learns_on_the_quickstart_cnn_with_its_defaults(tmp_path, name):
                   "--run.dir", str(run_dir)])
     assert load_config(["--config", str(run_dir / "config.toml")]).algorithm.interval == 4
     for rank in range(4):
-        rows = _rows(run_dir / f"node{rank}.csv")
+        rows = csv_rows(run_dir / f"node{rank}.csv")
         assert rows[-1]["train_loss"] < 0.85 * rows[0]["train_loss"], (rank, [r["train_loss"] for r in rows])
         assert rows[-1]["penalty_ratio"] > 0 and rows[-1]["dual_norm"] > 0
