@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import run_ranks
-from test_short_runs import _rows, _torchrun
+from distributed import csv_rows, run_ranks
+from test_short_runs import _torchrun
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.compress import Compressor
 from p2p.config import AlgorithmConfig, ConfigError
@@ -133,10 +133,10 @@ def test_quickstart_with_topk_learns_and_counts_its_bytes(tmp_path):
     nbytes = Compressor("topk", P, 0.1).nbytes()
     assert nbytes == 2139 * 8
     for rank in range(N):
-        rows = _rows(run_dir / f"node{rank}.csv")
+        rows = csv_rows(run_dir / f"node{rank}.csv")
         sent = [r["bytes_sent"] for r in rows]
         assert [b - a for a, b in zip([0.0] + sent, sent)] == [r["exchanges"] * nbytes for r in rows]
         assert all(r["exchanges"] == 2 * 10 for r in rows)  # 10 steps per epoch, K = 1, 2 neighbours
-    loss = [sum(_rows(run_dir / f"node{k}.csv")[e]["train_loss"] for k in range(N)) / N for e in range(3)]
+    loss = [sum(csv_rows(run_dir / f"node{k}.csv")[e]["train_loss"] for k in range(N)) / N for e in range(3)]
     assert loss[0] > loss[1] > loss[2] and loss[2] < 0.8 * loss[0], loss
     assert rows[-1]["avg_test_acc"] > 0.3  # 0.41 after 3 epochs (chance 0.1)
