@@ -18,7 +18,13 @@ def main(argv: list[str]) -> int:
         print(to_toml(Config()))
         return 0
     try:
-        run(load_config(argv))
+        cfg = load_config(argv)
+        if cfg.sim.nodes:
+            from p2p import sim  # torch.func: only simulated runs need it
+
+            sim.run(cfg)
+        else:
+            run(cfg)
     except ConfigError as e:  # a user mistake: nothing was started or written
         sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a log file do not run lines together
         return 2

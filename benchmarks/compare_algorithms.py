@@ -5,8 +5,10 @@
     python benchmarks/compare_algorithms.py --partitions classes --out runs/compare_b0 -- \
         --algorithm.momentum 0 --algorithm.lr 0.3                 # the β = 0 table
     python benchmarks/compare_algorithms.py --config configs/quickstart.toml --nproc 4 --partitions dirichlet
+    python benchmarks/compare_algorithms.py --sim                # every row simulated in one process
 
-Each row is one torchrun launch of configs/compare_digits.toml (or --config); results are read from the run's CSVs.
+Each row is one torchrun launch of configs/compare_digits.toml (or --config), or with --sim one simulated run
+(`python train.py --sim.nodes`, the same numbers in a fraction of the time); results are read from the run's CSVs.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"]
 
 
-def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "train.py", "--config", config, "--algorithm.name", algorithm,
+def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extra: list[str], simulate: bool) -> float:
+    launcher = (["train.py", "--sim.nodes", str(nproc)] if simulate else
+                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py"])
+    cmd = [sys.executable, *launcher, "--config", config, "--algorithm.name", algorithm,
            "--data.partition", partition, "--run.dir", str(out), *extra]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    env = os.environ if simulate else {**os.environ, "OMP_NUM_THREADS": "1"}  # one process may use every core
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{algorithm}/{partition} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -54,7 +58,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/compare_digits.toml")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--partitions", nargs="+", default=["classes", "dirichlet"])
-    parser.add_argument("--nproc", type=int, default=8)
+    parser.add_argument("--nproc", type=int, default=8, help="nodes")
+    parser.add_argument("--sim", action="store_true", help="simulate the nodes in one process (--sim.nodes)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("extra", nargs="*", help="config overrides passed to every run, after --")
     args = parser.parse_args()
@@ -65,7 +70,7 @@ def main() -> None:
         for algorithm in args.algorithms:
             out = args.out / f"{algorithm}_{partition}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run per row
-            launch_s = run(args.config, algorithm, partition, args.nproc, out, args.extra)
+            launch_s = run(args.config, algorithm, partition, args.nproc, out, args.extra, args.sim)
             s = summarize(out)
             print(f"| {partition} | {algorithm} | {s['K']} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
                   f"{s['avg_model']:.3f} | {s['consensus']:.2e} | {s['mb_sent']:.1f} | {s['train_s']:.0f} "

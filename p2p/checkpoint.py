@@ -162,7 +162,7 @@ class Checkpointer:
         return state["progress"]
 
 
-def _agent() -> str:
+def agent_id() -> str:
     """This worker's torchrun agent: the same in every attempt of one torchrun job, different in any other
     launch (a pid can be reused, not together with its start time). Outside torchrun: unique."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -181,7 +181,7 @@ class Facts:
 
     nonempty: bool  # the directory exists and holds anything
     ours: bool  # `started_by` lists this node's agent: an earlier attempt of this job began training here
-    agent: str  # this node's agent (_agent)
+    agent: str  # this node's agent (agent_id)
     logged: list[int]  # epochs in node<rank>.csv
     saved: list[int]  # epochs of this node's checkpoint files
     readable: list[int]  # those of them that load
@@ -228,18 +228,30 @@ def decide(facts: list[Facts], resume: bool, out_dir: Path) -> int | None:
                       f"({_who_has(facts)}): nothing was changed; start a new run with --run.name NAME")
 
 
+def node_facts(out_dir: Path, rank: int, ckpt: Checkpointer, device: torch.device, agent: str) -> tuple[Facts, dict]:
+    """What node `rank` sees of `out_dir`, and its readable checkpoints by epoch."""
+    marker = out_dir / MARKER
+    states = ckpt.readable(device)
+    return Facts(nonempty=out_dir.is_dir() and any(out_dir.iterdir()),
+                 ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
+                 logged=logged_epochs(out_dir, rank), saved=ckpt.epochs(), readable=sorted(states)), states
+
+
+def mark_started(out_dir: Path, facts: list[Facts], rank: int) -> None:
+    """Write `started_by`: the agents of every node, once training is about to begin."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{MARKER}.{rank}.tmp"
+    tmp.write_text("".join(f"{a}\n" for a in sorted({f.agent for f in facts})))
+    os.replace(tmp, out_dir / MARKER)
+
+
 def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointer) -> dict | None:
     """Continue the run in `out_dir` or start it, decided on every rank together, and mark it begun.
 
     Returns the progress ({"epoch", "step", "wall_s", "transport"}) of the checkpoint it continues from, None when
     it starts at epoch 0. Call right after joining the process group, before writing anything.
     """
-    marker = out_dir / MARKER
-    agent = _agent()
-    states = ckpt.readable(comm.device)
-    mine = Facts(nonempty=out_dir.is_dir() and any(out_dir.iterdir()),
-                 ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
-                 logged=logged_epochs(out_dir, comm.rank), saved=ckpt.epochs(), readable=sorted(states))
+    mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent_id())
     facts = [Facts(**json.loads(b)) for b in comm.all_gather_bytes(json.dumps(asdict(mine)).encode())]
     epoch = decide(facts, resume, out_dir)
     progress, error = None, ""
@@ -250,12 +262,13 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
             error = str(e)
     comm.agree(error)  # one node's unfit checkpoint stops them all here, not at the next collective
     if comm.env.local_rank == 0:  # one writer per host: the directory may be shared, or one per host
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{MARKER}.{comm.rank}.tmp"
-        tmp.write_text("".join(f"{a}\n" for a in sorted({f.agent for f in facts})))
-        os.replace(tmp, marker)
+        mark_started(out_dir, facts, comm.rank)
+    log_start(progress)
+    return progress
+
+
+def log_start(progress: dict | None) -> None:
     if progress is None:
         log.info("starting at epoch 0")
     else:
         log.info("resumed from epoch %d (step %d)", progress["epoch"], progress["step"])
-    return progress

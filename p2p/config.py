@@ -132,6 +132,11 @@ class LogConfig:
 
 
 @dataclass
+class SimConfig:
+    nodes: int = 0  # simulate this many nodes in one process (python train.py, no torchrun); 0 = off
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +146,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -354,6 +360,7 @@ def validate(cfg: Config) -> None:
          f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: {SYNC_ONLY.get(a.name)}"),
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
+        (cfg.sim.nodes >= 0, "--sim.nodes must be >= 0 (0 = no simulation: one process per node)"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
     ]
     for ok, message in checks:

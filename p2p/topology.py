@@ -279,7 +279,8 @@ def build_topology(cfg: TopologyConfig, world_size: int) -> Topology:
     topo = load_topology(cfg.path) if cfg.path else generate(cfg.name, cfg.n or world_size, cfg.degree, cfg.seed)
     if topo.n != world_size:
         raise ConfigError(f"topology {topo.source} has {topo.n} nodes but the world size is {world_size}: "
-                          f"launch with --nproc_per_node {topo.n} or pick another topology")
+                          f"launch with --nproc_per_node {topo.n} (simulated: --sim.nodes {topo.n}) or pick another "
+                          f"topology")
     return topo
 
 

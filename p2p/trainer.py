@@ -70,6 +70,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return loss_sum / count, correct / count
 
 
+def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
+    """The evaluation line: node 0's train loss, every node's test accuracy, the averaged model, consensus."""
+    log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | consensus %.3e | "
+             "%.1fs", epoch, epochs, row["train_loss"], float(np.mean(accs)), min(accs), max(accs),
+             row["avg_test_acc"], row["consensus_dist"], elapsed)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
+
+
 @dataclass
 class Node:
     """Everything one node trains with; built after validation, before the first step."""
@@ -153,6 +161,25 @@ def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
     return None
 
 
+def network(cfg: Config, n: int) -> tuple[Topology, str | None]:
+    """The topology of n nodes, with K resolved in cfg (and resolve_interval's warning, if any)."""
+    topology = build_topology(cfg.topology, n) if n > 1 else Topology(1, ())
+    if cfg.algorithm.mixing == "file" and topology.weights is None:
+        raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
+    return topology, resolve_interval(cfg.algorithm, topology)
+
+
+def start_run_dir(cfg: Config, topology: Topology, what: str, n_params: int, interval_warning: str | None) -> None:
+    """The resolved config and graph into the run directory, and the run's header in the log."""
+    (cfg.out_dir / "config.toml").write_text(to_toml(cfg))
+    topology.save(cfg.out_dir / "topology.json")
+    log.info("%s, K = %d, %d parameters", what, cfg.algorithm.interval, n_params)
+    if interval_warning:
+        log.warning(interval_warning)
+    if topology.n > 1:
+        log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
+
+
 def _setup_logging(cfg: Config, env: Env) -> None:
     level = getattr(logging, cfg.log.level.upper()) if env.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [node{env.rank}] %(message)s", datefmt="%H:%M:%S")
@@ -164,10 +191,7 @@ def run(cfg: Config) -> None:
     _setup_logging(cfg, env)
     check_restarts()
     device, backend = resolve_device(cfg.run.device, cfg.comm.backend, env)
-    topology = build_topology(cfg.topology, env.world_size) if env.world_size > 1 else Topology(1, ())
-    if cfg.algorithm.mixing == "file" and topology.weights is None:
-        raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
-    interval_warning = resolve_interval(cfg.algorithm, topology)
+    topology, interval_warning = network(cfg, env.world_size)
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, env.world_size, cfg.data)
     comm = Comm(env, device, backend, cfg.comm)
@@ -184,16 +208,10 @@ def run(cfg: Config) -> None:
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
-            (out_dir / "config.toml").write_text(to_toml(cfg))
-            topology.save(out_dir / "topology.json")
-            log.info("%d nodes, %s on %s (%s), K = %d, %d parameters", env.world_size, cfg.algorithm.name,
-                     device, backend, cfg.algorithm.interval, node.flat.w.numel())
-            if interval_warning:
-                log.warning(interval_warning)
+            start_run_dir(cfg, topology, f"{env.world_size} nodes, {cfg.algorithm.name} on {device} ({backend})",
+                          node.flat.w.numel(), interval_warning)
             if slots_line := edge_slots(cfg, topology, node.algorithm)[1]:
                 log.info(slots_line)
-            if env.world_size > 1:
-                log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
         for rank, h in enumerate(hist):
             log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
@@ -260,11 +278,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
                 row.update(evaluate_network(node, comm))
                 accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
-                log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | "
-                         "consensus %.3e | %.1fs", epoch, tcfg.epochs, row["train_loss"], float(np.mean(accs)),
-                         min(accs), max(accs), row["avg_test_acc"], row["consensus_dist"],
-                         time.perf_counter() - t_start)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
+                log_epoch(epoch, tcfg.epochs, row, accs, time.perf_counter() - t_start, bar)
 
             # straggler simulation (the seed's sleep_factor); U per (seed, rank, epoch): a resumed run repeats it
             u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()

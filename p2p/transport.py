@@ -41,7 +41,7 @@ from p2p.comm import Comm, Posted
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
 
 
-def _fresh_stats() -> dict:
+def fresh_stats() -> dict:
     return {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
 
 
@@ -76,12 +76,12 @@ class Transport:
         self.posted_at: dict[int, Counter] = {}  # slots: per peer, {step mod K: exchanges posted} (what tests check)
         self._pool: list[torch.Tensor] = []  # spare message buffers
         self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
-        self._stats = _fresh_stats()
+        self._stats = fresh_stats()
 
     def epoch_stats(self) -> dict[str, float]:
         """The CSV columns since the last call: staleness in rounds (mean and max over the messages
         applied), seconds blocked waiting for exchanges, exchanges completed."""
-        s, self._stats = self._stats, _fresh_stats()
+        s, self._stats = self._stats, fresh_stats()
         return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
                 "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
 

@@ -185,7 +185,7 @@ def test_command_exits_2_with_one_line(extra, message, existing, tmp_path):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("extra,message", [
     ([], r"error: topology .*ring4.json has 4 nodes but the world size is 2: launch with --nproc_per_node 4 "
-         r"or pick another topology"),
+         r"\(simulated: --sim.nodes 4\) or pick another topology"),
     (["--comm.backend", "nccl"], r"error: --comm.backend nccl needs GPUs: use --comm.backend gloo on CPU"),
     (["--topology.name", "ring", "--data.batch_size", "5000"],  # every rank checks every node's shard
      r"error: --data.batch_size 5000 is larger than node \d's shard of \d+ samples: lower it, or use "

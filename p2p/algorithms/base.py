@@ -27,12 +27,29 @@ class FlatParams:
             raise ValueError("all trainable parameters must share one dtype and device")
         self.w = torch.cat([p.detach().reshape(-1) for p in self.params])  # (P,)
         self.g = torch.zeros_like(self.w)  # (P,)
-        offset = 0
-        for p in self.params:
+        for p, (w, g) in zip(self.params, self._views(self.params)):
+            p.data, p.grad = w, g
+
+    @classmethod
+    def row(cls, like: list[torch.Tensor], w: torch.Tensor, g: torch.Tensor) -> FlatParams:
+        """A simulated node (p2p/sim.py): tensors shaped as `like`, viewing given buffers `w` and `g` (its
+        rows of the network's stacked weights and gradients) instead of a model's own parameters."""
+        flat = cls.__new__(cls)
+        flat.w, flat.g = w, g
+        flat.params = []
+        for w_p, g_p in flat._views(like):
+            w_p.grad = g_p
+            flat.params.append(w_p)
+        return flat
+
+    def _views(self, like: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(view of w, view of g) per tensor of `like`, in order: the tensors as slices of the flat buffers."""
+        views, offset = [], 0
+        for p in like:
             n = p.numel()
-            p.data = self.w[offset:offset + n].view_as(p)
-            p.grad = self.g[offset:offset + n].view_as(p)
+            views.append((self.w[offset:offset + n].view_as(p), self.g[offset:offset + n].view_as(p)))
             offset += n
+        return views
 
     def fan_in(self) -> torch.Tensor:
         """sqrt(fan_in) of each element's tensor: the `penalty_scale = fan_in` v_p, shaped like w.

@@ -1,0 +1,442 @@
+"""A whole network in one process (`python train.py --sim.nodes n`): the same rules, another transport.
+
+Every node keeps its own rule object from p2p/algorithms, unchanged, working on its own row of the
+network's stacked weights W (n, P) and gradients G (n, P) (FlatParams.row). What differs from a
+torchrun job:
+
+    compute    one forward/backward for all nodes: torch.func.functional_call of one template module,
+               vmapped over the rows of W and the nodes' minibatches (n, B, ...), so n small models cost
+               about one model with an n-times larger batch (dropout draws differently per node)
+    messages   InMemory hands each round's messages from rule to rule with the timing of the `sync`
+               and `overlap` modes of p2p/transport.py; `async` needs real clocks and is an error
+    data       node k draws from its shard with seed + k through the same sampler as a real node,
+               so it sees the same samples in the same order
+
+So a simulated run reproduces the real run's per-node losses (tests/test_sim.py), writes the same
+run directory (node<k>.csv, tb/node<k>/, tb/global/, checkpoints, curves.png) and resumes like it.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+from tqdm import tqdm
+
+from p2p import checkpoint, plots
+from p2p.algorithms import FlatParams, build_algorithm
+from p2p.comm import Env, read_env, resolve_device
+from p2p.config import Config, ConfigError
+from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loader, partition
+from p2p.metrics import Metrics
+from p2p.models import build_model
+from p2p.topology import Topology
+from p2p.trainer import Node, NonFiniteLoss, log_epoch, lr_at, network, start_run_dir
+from p2p.transport import STALENESS, fresh_stats
+
+log = logging.getLogger("p2p")
+EVAL_SAMPLES = 1 << 16  # samples per batched evaluation call (nodes × batch): bounds its activations
+
+
+class SimComm:
+    """What a rule and a checkpoint read of node k's Comm; its traffic is counted as a real node's."""
+
+    def __init__(self, rank: int, sim: Simulation):
+        self.rank, self.world_size, self.device, self.sim = rank, sim.n, sim.device, sim
+        self.bytes_sent = 0
+        self.comm_s = 0.0  # this node's share of the time spent delivering messages
+
+    def all_reduce_mean_(self, t: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """allreduce's gradient average (its one use of the network): the mean of the rows of G."""
+        assert t.data_ptr() == self.sim.G[self.rank].data_ptr(), "only a node's gradient row is averaged"
+        t.copy_(self.sim.grad_mean())
+        self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
+        return t
+
+
+class InMemory:
+    """Every node's exchanges, handed from rule object to rule object: the `sync` and `overlap` modes
+    of p2p/transport.py, with its `after_step`, `end_round`, `drain`, statistics and per-node state.
+
+        sync     at the end of round r: every node's messages (private copies: a rule may send its
+                 own buffers), then every node receives those addressed to it
+        overlap  at the end of round r: every node receives what was sent to it at round r − 1, then
+                 sends round r's, which wait to be received at round r + 1
+
+    Messages never travel late or get lost here, so overlap is exactly one round stale, as on a
+    network where every exchange finishes within a round (which the real overlap waits for).
+    """
+
+    def __init__(self, comms: list[SimComm], mode: str, interval: int):
+        if mode not in STALENESS:
+            raise ConfigError(f"--comm.mode {mode} needs real clocks and is not simulated: use sync or overlap "
+                              f"with --sim.nodes, or launch {mode} with torchrun")
+        self.comms, self.S, self.K = comms, STALENESS[mode], interval
+        self.round = 0  # rounds ended so far
+        self.ready: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in comms]  # per node: {sender: (round, msg)}
+        self._stats = [fresh_stats() for _ in comms]
+
+    def after_step(self, rules: list, step: int) -> None:
+        if (step + 1) % self.K == 0:
+            self.end_round(rules)
+
+    def end_round(self, rules: list) -> None:
+        start, r = time.perf_counter(), self.round
+        if self.S == 0:
+            for ready in self.ready:
+                ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
+            self._send(rules, r)
+            self._hand_over(rules, r)
+        else:
+            self._hand_over(rules, r)
+            self._send(rules, r)
+        self.round += 1
+        share = (time.perf_counter() - start) / len(rules)
+        for comm in self.comms:
+            comm.comm_s += share
+
+    def drain(self) -> None:
+        """Nothing is ever in flight: every message sent waits in `ready` already."""
+
+    def _send(self, rules: list, r: int) -> None:
+        sent = []
+        for k, rule in enumerate(rules):
+            msgs = rule.messages()
+            copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor (dsgd sends w_i to all)
+            sent.append({j: copies.setdefault(id(t), t.clone()) for j, t in msgs.items()})
+            self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
+        for k, msgs in enumerate(sent):
+            for j, msg in msgs.items():
+                if k not in sent[j]:  # a real run would wait for it forever
+                    raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
+                self.ready[j][k] = (r, msg)
+                self._stats[j]["exchanges"] += 1
+
+    def _hand_over(self, rules: list, r: int) -> None:
+        for k, rule in enumerate(rules):
+            ready, stats = self.ready[k], self._stats[k]
+            rule.receive({j: msg for j, (_, msg) in ready.items()})
+            for built, _ in ready.values():
+                stats["sum"] += r - built
+                stats["n"] += 1
+                stats["max"] = max(stats["max"], r - built)
+            ready.clear()
+
+    def epoch_stats(self, k: int) -> dict[str, float]:
+        """Node k's CSV columns since the last call, as Transport.epoch_stats (nobody waits here)."""
+        s, self._stats[k] = self._stats[k], fresh_stats()
+        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
+                "wait_s": 0.0, "exchanges": s["exchanges"]}
+
+    def state_dict(self, k: int) -> dict:
+        """Node k's messages received but not applied: a Transport's checkpoint state."""
+        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready[k].items()},
+                "ready_round": {j: built for j, (built, _) in self.ready[k].items()}}
+
+    def load_state_dict(self, k: int, state: dict) -> None:
+        self.round = state["round"]
+        self.ready[k] = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
+
+
+class RowModel:
+    """Node k's model as a checkpoint sees it: the template's state_dict with row k of W as parameters."""
+
+    def __init__(self, sim: Simulation, k: int):
+        self.sim, self.k = sim, k
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        rows = self.sim.param_views(self.sim.W[self.k])
+        # clones: torch.save would write a view's whole storage, all n rows
+        return {name: rows[name].clone() if name in rows else t for name, t in self.sim.template.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rows = self.sim.param_views(self.sim.W[self.k])
+        expected = self.sim.template.state_dict()
+        if state.keys() != expected.keys():
+            raise KeyError(f"parameters {sorted(set(state) ^ set(expected))[:3]} differ")
+        for name, t in state.items():
+            (rows[name] if name in rows else expected[name]).copy_(t)
+
+
+def _tensor_source(ds: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+    """(the tensors of the TensorDataset under a chain of Subsets, positions in `ds` → rows of them), or
+    None when the samples are not plain tensors (torchvision transforms): then they are fetched one by one."""
+    index = None
+    while isinstance(ds, Subset):
+        ids = torch.as_tensor(ds.indices, dtype=torch.long)
+        index = ids if index is None else ids[index]
+        ds = ds.dataset
+    if not isinstance(ds, TensorDataset):
+        return None
+    return ds.tensors, index if index is not None else torch.arange(len(ds))
+
+
+class Simulation:
+    """n nodes: their rules (one object each, unchanged), loaders and comms, and the batched model.
+
+    W (n, P) and G (n, P) hold every node's flat weights and gradients; row k is node k's FlatParams.
+    All nodes start from the template's weights, as all real nodes build the same model.
+    """
+
+    def __init__(self, cfg: Config, topology: Topology, splits: Splits, shards: list[np.ndarray],
+                 device: torch.device):
+        self.n, self.device = len(shards), device
+        self.template = build_model(cfg.model, splits.in_shape, splits.num_classes).to(device)
+        self.like = {name: p for name, p in self.template.named_parameters() if p.requires_grad}
+        w0 = torch.cat([p.detach().reshape(-1) for p in self.like.values()])
+        self.W = w0.repeat(self.n, 1)  # (n, P)
+        self.G = torch.zeros_like(self.W)  # (n, P)
+        self._g_mean: torch.Tensor | None = None
+        self.comms = [SimComm(k, self) for k in range(self.n)]
+        flats = [FlatParams.row(list(self.like.values()), self.W[k], self.G[k]) for k in range(self.n)]
+        self.rules = [build_algorithm(flats[k], cfg.algorithm, topology, self.comms[k]) for k in range(self.n)]
+        self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval)
+        loaders = [node_loader(splits, shards[k], cfg.data, seed=cfg.run.seed + k, n_nodes=self.n)
+                   for k in range(self.n)]
+        val, test = eval_loader(splits.val, 1000), eval_loader(splits.test, 1000)
+        # what a checkpoint saves and restores of each node, as of a real one
+        self.nodes = [Node(RowModel(self, k), flats[k], self.rules[k], self.transport, loaders[k], val, test)
+                      for k in range(self.n)]
+        source = _tensor_source(loaders[0].dataset)  # every shard is a Subset of the same training split
+        self.tensors = tuple(t.to(device) for t in source[0]) if source else None
+        self.index = [_tensor_source(ld.dataset)[1].to(device) for ld in loaders] if source else None
+        self.seconds = dict.fromkeys(("data", "compute", "rules", "exchange", "eval"), 0.0)  # where the time goes
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: charge them to their phase
+        self.seconds[what] += time.perf_counter() - start
+
+    def param_views(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The template's parameters as views into W: (P,) → shapes as in the model, (m, P) → (m, *shape)."""
+        views, offset, lead = {}, 0, W.shape[:-1]
+        for name, p in self.like.items():
+            views[name] = W[..., offset:offset + p.numel()].view(*lead, *p.shape)
+            offset += p.numel()
+        return views
+
+    def grad_mean(self) -> torch.Tensor:
+        """(1/n) Σ_k g_k of the latest gradients, computed once per step (allreduce)."""
+        if self._g_mean is None:
+            self._g_mean = self.G.sum(0).div_(self.n)
+        return self._g_mean
+
+    def epoch_batches(self) -> Iterator[tuple]:
+        """Per step, every node's minibatch: (X, Y) stacked (n, B, ...) when all batches have one size,
+        else lists. Indices come from each node's own sampler, so the order is a real node's."""
+        for picks in zip(*(iter(node.loader.batch_sampler) for node in self.nodes)):
+            with self.timed("data"):
+                if self.tensors is not None and len({len(p) for p in picks}) == 1:  # one gather for all nodes
+                    rows = torch.stack([self.index[k][torch.as_tensor(p)] for k, p in enumerate(picks)])
+                    batch = tuple(t[rows] for t in self.tensors)
+                else:
+                    xs, ys = zip(*(self._fetch(k, p) for k, p in enumerate(picks)))
+                    batch = (torch.stack(xs), torch.stack(ys)) if len({len(y) for y in ys}) == 1 else (xs, ys)
+            yield batch
+
+    def _fetch(self, k: int, pick: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node k's minibatch of samples `pick` (positions in its shard)."""
+        if self.tensors is not None:
+            rows = self.index[k][torch.as_tensor(pick)]
+            return self.tensors[0][rows], self.tensors[1][rows]
+        x, y = default_collate([self.nodes[k].loader.dataset[i] for i in pick])  # decoded and transformed
+        return x.to(self.device), y.to(self.device)
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, params, (x,))
+
+    def gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
+        """G ← every node's ∇(mean CE + (l2_lambda/2)||w||²) on its minibatch, as real nodes compute g_i.
+
+        Returns the nodes' minibatch losses (n,), correct predictions (n,) and batch sizes (n,).
+        """
+        W = self.W.detach().requires_grad_()  # shares W's storage; the gradient lands in W.grad
+        params = self.param_views(W)
+        if isinstance(X, torch.Tensor):  # one vmapped call for every node
+            def loss_of(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self._forward(p, x)
+                return F.cross_entropy(out, y), (out.argmax(-1) == y).sum()
+
+            losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
+            sizes = torch.full((self.n,), Y.shape[1], device=self.device)
+        else:  # batches of different sizes: one call per node, one backward
+            outs = [self._forward({name: v[k] for name, v in params.items()}, x) for k, x in enumerate(X)]
+            losses = torch.stack([F.cross_entropy(out, y) for out, y in zip(outs, Y)])
+            correct = torch.stack([(out.argmax(-1) == y).sum() for out, y in zip(outs, Y)])
+            sizes = torch.tensor([len(y) for y in Y], device=self.device)
+        losses.sum().backward()  # node k's loss depends on row k only: each row gets its own gradient
+        self.G.copy_(W.grad)
+        if l2_lambda:
+            self.G.add_(self.W, alpha=l2_lambda)
+        self._g_mean = None
+        return losses.detach(), correct, sizes
+
+    @torch.no_grad()
+    def evaluate(self, loader, W: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mean loss and accuracy of every row of W (m, P) on a split: all rows per batch, in chunks."""
+        self.template.eval()
+        m = W.shape[0]
+        loss_sum, correct, count = np.zeros(m), np.zeros(m), 0
+        chunk = max(1, EVAL_SAMPLES // loader.batch_size)
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            for a in range(0, m, chunk):
+                params = self.param_views(W[a:a + chunk])
+                out = vmap(self._forward, in_dims=(0, None), randomness="different")(params, x)  # (c, B, C)
+                c = out.shape[0]
+                loss = F.cross_entropy(out.transpose(1, 2), y.expand(c, -1), reduction="none").sum(1)
+                loss_sum[a:a + c] += loss.cpu().numpy()
+                correct[a:a + c] += (out.argmax(-1) == y).sum(1).cpu().numpy()
+            count += len(y)
+        self.template.train()
+        return loss_sum / count, correct / count
+
+    def evaluate_network(self) -> list[dict[str, float]]:
+        """Every node's row of evaluate_network (p2p/trainer.py), from the stacked weights directly."""
+        rows: list[dict[str, float]] = [{} for _ in range(self.n)]
+        node = self.nodes[0]
+        if len(node.val_loader.dataset):
+            loss, acc = self.evaluate(node.val_loader, self.W)
+            for k, row in enumerate(rows):
+                row["val_loss"], row["val_acc"] = float(loss[k]), float(acc[k])
+        loss, acc = self.evaluate(node.test_loader, self.W)
+        w_bar = self.W.mean(0, keepdim=True)
+        consensus = (self.W - w_bar).pow(2).sum(1).mean().item()  # (1/n) Σ_k ||w_k − w̄||²
+        avg_loss, avg_acc = self.evaluate(node.test_loader, w_bar)
+        for k, row in enumerate(rows):
+            row.update(test_loss=float(loss[k]), test_acc=float(acc[k]), consensus_dist=consensus,
+                       avg_test_loss=float(avg_loss[0]), avg_test_acc=float(avg_acc[0]))
+        return rows
+
+
+def _begin(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer]) -> list[dict] | None:
+    """checkpoint.begin for all nodes at once: continue from the newest checkpoint every node can read, or
+    start, by the same `decide`; returns each node's progress, or None at epoch 0."""
+    agent = checkpoint.agent_id()
+    found = [checkpoint.node_facts(cfg.out_dir, k, ckpts[k], sim.device, agent) for k in range(sim.n)]
+    facts = [f for f, _ in found]
+    epoch = checkpoint.decide(facts, cfg.run.resume, cfg.out_dir)
+    progress = None
+    if epoch is not None:
+        progress = [ckpts[k].load(epoch, states[epoch], sim.nodes[k], sim.comms[k])
+                    for k, (_, states) in enumerate(found)]
+    checkpoint.mark_started(cfg.out_dir, facts, 0)
+    checkpoint.log_start(progress[0] if progress else None)
+    return progress
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Simulate `cfg.sim.nodes` nodes to the end; returns the seconds spent per phase (and peak memory)."""
+    n, tcfg = cfg.sim.nodes, cfg.train
+    logging.basicConfig(level=getattr(logging, cfg.log.level.upper()), format="%(asctime)s [sim] %(message)s",
+                        datefmt="%H:%M:%S")
+    if read_env().world_size > 1:
+        raise ConfigError("--sim.nodes runs the whole network in one process: start it with python train.py, "
+                          "not torchrun with several ranks")
+    if tcfg.sleep_factor > 0 or tcfg.step_delay > 0:
+        raise ConfigError("--train.sleep_factor and --train.step_delay delay real processes: launch with torchrun "
+                          "to study stragglers (--sim.nodes has no clocks)")
+    device, _ = resolve_device(cfg.run.device, "auto", Env(0, 1, 0, 1))  # no process group: any backend
+    topology, interval_warning = network(cfg, n)
+    splits = load_splits(cfg.data)
+    shards = partition(splits.train_labels, n, cfg.data)
+    torch.manual_seed(cfg.run.seed)  # dropout of every node, drawn per node by vmap
+    sim = Simulation(cfg, topology, splits, shards, device)
+    ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs,
+                                     checkpoint.fixed_fields(cfg, n)) for k in range(n)]
+    progress = _begin(cfg, sim, ckpts)
+    start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1],
+                  interval_warning)
+    for k, shard in enumerate(shards):
+        log.debug("node%d: %d samples, classes %s", k, len(shard),
+                  class_histogram(splits.train_labels, shard, splits.num_classes))
+    steps = train_loop(cfg, sim, ckpts, progress)
+    if cfg.log.plots and cfg.log.csv:
+        plots.plot_run(cfg.out_dir)
+    seconds = dict(sim.seconds)
+    log.info("time: %s", ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    seconds["steps"] = steps
+    seconds["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        seconds["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return seconds
+
+
+def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer], progress: list[dict] | None) -> int:
+    """trainer.train_loop for every node at once: the same steps, rows, evaluations and checkpoints.
+    Returns the steps taken (per node)."""
+    tcfg, acfg, n = cfg.train, cfg.algorithm, sim.n
+    start_epoch, step = (progress[0]["epoch"], progress[0]["step"]) if progress else (0, 0)
+    for k, p in enumerate(progress or []):
+        sim.transport.load_state_dict(k, p["transport"])
+    metrics = [Metrics(cfg.out_dir, k, cfg.log, resume_epoch=start_epoch) for k in range(n)]
+    steps_per_epoch = len(sim.nodes[0].loader)
+    bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not cfg.log.progress, desc="train",
+               unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter() - (progress[0]["wall_s"] if progress else 0.0)
+    first_step = step
+    try:
+        for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+            t_epoch, comm_s0 = time.perf_counter(), [c.comm_s for c in sim.comms]
+            loss_sum = torch.zeros(n, device=sim.device)
+            correct = torch.zeros(n, device=sim.device, dtype=torch.long)
+            n_seen = torch.zeros(n, device=sim.device, dtype=torch.long)
+            for X, Y in sim.epoch_batches():
+                lr = lr_at(step, tcfg, acfg.lr)
+                with sim.timed("compute"):
+                    loss, right, size = sim.gradients(X, Y, acfg.l2_lambda)
+                with sim.timed("rules"):
+                    for rule in sim.rules:
+                        rule.update(lr)
+                with sim.timed("exchange"):
+                    sim.transport.after_step(sim.rules, step)
+                loss_sum += loss
+                correct += right
+                n_seen += size
+                step += 1
+                bar.update()
+            train_s = time.perf_counter() - t_epoch
+            train_loss = (loss_sum.double() / steps_per_epoch).tolist()  # as a real node divides its .item()
+            train_acc = (correct.double() / n_seen).tolist()
+            rows = []
+            for k, comm in enumerate(sim.comms):
+                row = {**sim.transport.epoch_stats(k), "epoch": epoch, "train_loss": train_loss[k],
+                       "train_acc": train_acc[k], "lr": lr, "bytes_sent": comm.bytes_sent,
+                       "comm_s": comm.comm_s - comm_s0[k], "sleep_s": 0.0}
+                row["compute_s"] = train_s / n - row["comm_s"]  # each node's share of the process's time
+                rows.append({**row, **sim.rules[k].diagnostics(lr)})
+
+            bad = [k for k, loss in enumerate(train_loss) if not np.isfinite(loss)]
+            if bad:
+                raise NonFiniteLoss(f"non-finite training loss on node(s) {bad} in epoch {epoch}: lower "
+                                    f"--algorithm.lr; the last good checkpoint is kept in {ckpts[0].dir}")
+
+            if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+                with sim.timed("eval"):
+                    for row, evaluated in zip(rows, sim.evaluate_network()):
+                        row.update(evaluated)
+                log_epoch(epoch, tcfg.epochs, rows[0], [row["test_acc"] for row in rows],
+                          time.perf_counter() - t_start, bar)
+
+            wall_s = time.perf_counter() - t_start
+            for k, row in enumerate(rows):
+                row["wall_s"] = wall_s
+                metrics[k].log(row)
+                ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s,
+                                                                 "transport": sim.transport.state_dict(k)})
+    finally:
+        bar.close()
+        for m in metrics:
+            m.close()
+    return step - first_step
