@@ -5,11 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-
 PANELS = [("train_loss", "train loss"), ("test_loss", "test loss"), ("test_acc", "test accuracy"),
           ("consensus_dist", "consensus distance")]
 
@@ -24,6 +19,11 @@ def _read(path: Path) -> dict[str, list[float]]:
 
 def plot_run(run_dir: Path) -> Path:
     """One panel per metric, one line per node; the averaged model's accuracy dashed."""
+    import matplotlib  # here: 0.35 s per process that most ranks never spend
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
     nodes = sorted(run_dir.glob("node*.csv"), key=lambda p: int(p.stem[4:]))
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for path in nodes:
@@ -32,7 +32,7 @@ def plot_run(run_dir: Path) -> Path:
             continue
         for ax, (key, _) in zip(axes, PANELS):
             if key != "consensus_dist":
-                ax.plot(data["epoch"], data[key], label=path.stem, lw=1)
+                ax.plot(data["epoch"], data[key], label=path.stem if len(nodes) <= 16 else None, lw=1)
     if nodes and (data := _read(nodes[0])):
         axes[2].plot(data["epoch"], data["avg_test_acc"], "k--", label="averaged model", lw=1.5)
         axes[3].plot(data["epoch"], data["consensus_dist"], "k-", lw=1.5)

@@ -256,6 +256,16 @@ class Simulation:
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, params, (x,))
 
+    def _outputs(self, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits (m, B, C) of every row of W (m, P) on one batch x shared by all.
+
+        vmapped on GPUs. On CPU one row at a time: without gradients, the vmapped (grouped) convolutions of
+        many digits CNNs over one shared batch ran 1.3x (8 nodes) to 3.5x (256 nodes) slower than a loop.
+        """
+        if self.device.type == "cuda":
+            return vmap(self._forward, in_dims=(0, None), randomness="different")(self.param_views(W), x)
+        return torch.stack([self._forward(self.param_views(w), x) for w in W])
+
     def gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
         """G ← every node's ∇(mean CE + (l2_lambda/2)||w||²) on its minibatch, as real nodes compute g_i.
 
@@ -292,8 +302,7 @@ class Simulation:
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             for a in range(0, m, chunk):
-                params = self.param_views(W[a:a + chunk])
-                out = vmap(self._forward, in_dims=(0, None), randomness="different")(params, x)  # (c, B, C)
+                out = self._outputs(W[a:a + chunk], x)  # (c, B, C)
                 c = out.shape[0]
                 loss = F.cross_entropy(out.transpose(1, 2), y.expand(c, -1), reduction="none").sum(1)
                 loss_sum[a:a + c] += loss.cpu().numpy()
