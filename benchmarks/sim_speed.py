@@ -66,12 +66,14 @@ def _one(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def scaling(out: Path, sizes: list[int], topology: str) -> None:
-    """Digits CNN, dsgd, 16 samples per step per node, 10 steps per epoch whatever n, 3 epochs, one evaluation."""
+def scaling(out: Path, sizes: list[int], topology: str, batch: int) -> None:
+    """Digits CNN, dsgd, `batch` samples per step per node, 10 steps per epoch whatever n, 3 epochs, one evaluation.
+    (256 nodes hold 5 digits each: batch 4 is the largest that every n allows.)"""
+    print(f"batch {batch} per node, {topology}")
     print("| nodes | steps/s | node-steps/s | peak RSS MB | data | compute (fwd+bwd) | rules | exchange | eval (1x) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        s = _one(["--model.name", "cnn", "--data.batch_size", "16", "--data.samples_per_epoch", "160",
+        s = _one(["--model.name", "cnn", "--data.batch_size", str(batch), "--data.samples_per_epoch", str(10 * batch),
                   "--topology.name", topology, "--algorithm.name", "dsgd", "--train.epochs", "3",
                   "--train.eval_every", "3", "--train.checkpoint_every", "0", "--sim.nodes", str(n),
                   "--run.dir", str(out / f"scaling{n}"), *QUIET])
@@ -83,7 +85,8 @@ def scaling(out: Path, sizes: list[int], topology: str) -> None:
 
 
 def ring(out: Path, sizes: list[int], algorithms: list[str], epochs: int) -> None:
-    """compare_digits' CNN and momentum on a ring of n, 2 classes per node, 10 steps of 16 per epoch for every n."""
+    """compare_digits' CNN and momentum on a ring of n, 2 classes per node, 10 steps of 8 samples per epoch for
+    every n (64 nodes hold 15 to 25 digits each)."""
     from p2p.topology import generate
 
     print("| nodes | ring spectral gap | " + " | ".join(f"{a} acc (avg model) | {a} consensus" for a in algorithms) + " |")
@@ -94,7 +97,8 @@ def ring(out: Path, sizes: list[int], algorithms: list[str], epochs: int) -> Non
         for algorithm in algorithms:
             run_dir = out / f"ring{n}_{algorithm}"
             _one(["--config", "configs/compare_digits.toml", "--topology.name", "ring", "--algorithm.name", algorithm,
-                  "--data.classes_per_node", "2", "--data.samples_per_epoch", "160", "--train.epochs", str(epochs),
+                  "--data.classes_per_node", "2", "--data.batch_size", "8", "--data.samples_per_epoch", "80",
+                  "--train.epochs", str(epochs),
                   "--train.eval_every", str(epochs), "--sim.nodes", str(n), "--run.dir", str(run_dir), *QUIET])
             rows = _last_rows(run_dir)
             mean = sum(float(r["test_acc"]) for r in rows) / n
@@ -109,13 +113,14 @@ def main() -> None:
     parser.add_argument("--algorithm", default="dsgd", help="compare: the row to time")
     parser.add_argument("--sizes", type=int, nargs="+", help="node counts (scaling: 8 64 256; ring: 8 16 32 64)")
     parser.add_argument("--topology", default="torus", help="scaling: the graph")
+    parser.add_argument("--batch", type=int, default=4, help="scaling: samples per node and step")
     parser.add_argument("--algorithms", nargs="+", default=["dsgd", "pdmm", "gossip"], help="ring: the rules")
     parser.add_argument("--epochs", type=int, default=40, help="ring: epochs of 10 steps")
     args = parser.parse_args()
     if args.what == "compare":
         compare(args.out, args.algorithm)
     elif args.what == "scaling":
-        scaling(args.out, args.sizes or [8, 64, 256], args.topology)
+        scaling(args.out, args.sizes or [8, 64, 256], args.topology, args.batch)
     else:
         ring(args.out, args.sizes or [8, 16, 32, 64], args.algorithms, args.epochs)
 
