@@ -7,8 +7,8 @@ torchrun job:
     compute    one forward/backward for all nodes: torch.func.functional_call of one template module,
                vmapped over the rows of W and the nodes' minibatches (n, B, ...), so n small models cost
                about one model with an n-times larger batch (dropout draws differently per node)
-    messages   InMemory hands each round's messages from rule to rule with the timing of the `sync`
-               and `overlap` modes of p2p/transport.py; `async` needs real clocks and is an error
+    messages   transport.InMemory hands each round's messages from rule to rule with the timing of the
+               `sync` and `overlap` modes; `async` needs real clocks and is an error
     data       node k draws from its shard with seed + k through the same sampler as a real node,
                so it sees the same samples in the same order
 
@@ -40,7 +40,7 @@ from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.topology import Topology
 from p2p.trainer import Node, NonFiniteLoss, log_epoch, lr_at, network, start_run_dir
-from p2p.transport import STALENESS, fresh_stats
+from p2p.transport import InMemory
 
 log = logging.getLogger("p2p")
 EVAL_SAMPLES = 1 << 16  # samples per batched evaluation call (nodes × batch): bounds its activations
@@ -60,90 +60,6 @@ class SimComm:
         t.copy_(self.sim.grad_mean())
         self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
         return t
-
-
-class InMemory:
-    """Every node's exchanges, handed from rule object to rule object: the `sync` and `overlap` modes
-    of p2p/transport.py, with its `after_step`, `end_round`, `drain`, statistics and per-node state.
-
-        sync     at the end of round r: every node's messages (private copies: a rule may send its
-                 own buffers), then every node receives those addressed to it
-        overlap  at the end of round r: every node receives what was sent to it at round r − 1, then
-                 sends round r's, which wait to be received at round r + 1
-
-    Messages never travel late or get lost here, so overlap is exactly one round stale, as on a
-    network where every exchange finishes within a round (which the real overlap waits for).
-    """
-
-    def __init__(self, comms: list[SimComm], mode: str, interval: int):
-        if mode not in STALENESS:
-            raise ConfigError(f"--comm.mode {mode} needs real clocks and is not simulated: use sync or overlap "
-                              f"with --sim.nodes, or launch {mode} with torchrun")
-        self.comms, self.S, self.K = comms, STALENESS[mode], interval
-        self.round = 0  # rounds ended so far
-        self.ready: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in comms]  # per node: {sender: (round, msg)}
-        self._stats = [fresh_stats() for _ in comms]
-
-    def after_step(self, rules: list, step: int) -> None:
-        if (step + 1) % self.K == 0:
-            self.end_round(rules)
-
-    def end_round(self, rules: list) -> None:
-        start, r = time.perf_counter(), self.round
-        if self.S == 0:
-            for ready in self.ready:
-                ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
-            self._send(rules, r)
-            self._hand_over(rules, r)
-        else:
-            self._hand_over(rules, r)
-            self._send(rules, r)
-        self.round += 1
-        share = (time.perf_counter() - start) / len(rules)
-        for comm in self.comms:
-            comm.comm_s += share
-
-    def drain(self) -> None:
-        """Nothing is ever in flight: every message sent waits in `ready` already."""
-
-    def _send(self, rules: list, r: int) -> None:
-        sent = []
-        for k, rule in enumerate(rules):
-            msgs = rule.messages()
-            copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor (dsgd sends w_i to all)
-            sent.append({j: copies.setdefault(id(t), t.clone()) for j, t in msgs.items()})
-            self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
-        for k, msgs in enumerate(sent):
-            for j, msg in msgs.items():
-                if k not in sent[j]:  # a real run would wait for it forever
-                    raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
-                self.ready[j][k] = (r, msg)
-                self._stats[j]["exchanges"] += 1
-
-    def _hand_over(self, rules: list, r: int) -> None:
-        for k, rule in enumerate(rules):
-            ready, stats = self.ready[k], self._stats[k]
-            rule.receive({j: msg for j, (_, msg) in ready.items()})
-            for built, _ in ready.values():
-                stats["sum"] += r - built
-                stats["n"] += 1
-                stats["max"] = max(stats["max"], r - built)
-            ready.clear()
-
-    def epoch_stats(self, k: int) -> dict[str, float]:
-        """Node k's CSV columns since the last call, as Transport.epoch_stats (nobody waits here)."""
-        s, self._stats[k] = self._stats[k], fresh_stats()
-        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
-                "wait_s": 0.0, "exchanges": s["exchanges"]}
-
-    def state_dict(self, k: int) -> dict:
-        """Node k's messages received but not applied: a Transport's checkpoint state."""
-        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready[k].items()},
-                "ready_round": {j: built for j, (built, _) in self.ready[k].items()}}
-
-    def load_state_dict(self, k: int, state: dict) -> None:
-        self.round = state["round"]
-        self.ready[k] = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
 
 
 class RowModel:

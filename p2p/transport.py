@@ -23,9 +23,8 @@ that step the same three moves happen for that edge alone: wait for its exchange
 (r = t div K), hand over its newest completed message, post its message built from the rule's
 state now. Staleness and draining work per edge as above.
 
-This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes. An
-in-process transport for simulated nodes needs the same `after_step`, `end_round`, `drain` and
-state.
+This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes.
+`InMemory` is the same timing for a whole simulated network in one process (p2p/sim.py).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from p2p.comm import Comm, Posted
+from p2p.config import ConfigError
 
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
 
@@ -192,3 +192,90 @@ class Transport:
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
         self.ready = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
+
+
+class InMemory:
+    """Every node's exchanges, handed from rule object to rule object: the `sync` and `overlap` modes
+    of p2p/transport.py, with its `after_step`, `end_round`, `drain`, statistics and per-node state.
+
+        sync     at the end of round r: every node's messages (private copies: a rule may send its
+                 own buffers), then every node receives those addressed to it
+        overlap  at the end of round r: every node receives what was sent to it at round r − 1, then
+                 sends round r's, which wait to be received at round r + 1
+
+    Messages never travel late or get lost here, so overlap is exactly one round stale, as on a
+    network where every exchange finishes within a round (which the real overlap waits for).
+    """
+
+    def __init__(self, comms: list, mode: str, interval: int):
+        if mode not in STALENESS:
+            raise ConfigError(f"--comm.mode {mode} needs real clocks and is not simulated: use sync or overlap "
+                              f"with --sim.nodes, or launch {mode} with torchrun")
+        self.comms, self.S, self.K = comms, STALENESS[mode], interval
+        self.round = 0  # rounds ended so far
+        self.ready: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in comms]  # per node: {sender: (round, msg)}
+        self._stats = [fresh_stats() for _ in comms]
+
+    def after_step(self, rules: list, step: int) -> None:
+        if (step + 1) % self.K == 0:
+            self.end_round(rules)
+
+    def end_round(self, rules: list) -> None:
+        start, r = time.perf_counter(), self.round
+        if self.S == 0:
+            for ready in self.ready:
+                ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
+            self._send(rules, r)
+            self._hand_over(rules, r)
+        else:
+            self._hand_over(rules, r)
+            self._send(rules, r)
+        self.round += 1
+        share = (time.perf_counter() - start) / len(rules)
+        for comm in self.comms:
+            comm.comm_s += share
+
+    def drain(self) -> None:
+        """Nothing is ever in flight: every message sent waits in `ready` already."""
+
+    def _send(self, rules: list, r: int) -> None:
+        sent = []
+        for k, rule in enumerate(rules):
+            msgs = rule.messages()
+            copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor (dsgd sends w_i to all)
+            for t in msgs.values():
+                if id(t) not in copies:
+                    copies[id(t)] = t.clone()
+            sent.append({j: copies[id(t)] for j, t in msgs.items()})
+            self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
+        for k, msgs in enumerate(sent):
+            for j, msg in msgs.items():
+                if k not in sent[j]:  # a real run would wait for it forever
+                    raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
+                self.ready[j][k] = (r, msg)
+                self._stats[j]["exchanges"] += 1
+
+    def _hand_over(self, rules: list, r: int) -> None:
+        for k, rule in enumerate(rules):
+            ready, stats = self.ready[k], self._stats[k]
+            rule.receive({j: msg for j, (_, msg) in ready.items()})
+            for built, _ in ready.values():
+                stats["sum"] += r - built
+                stats["n"] += 1
+                stats["max"] = max(stats["max"], r - built)
+            ready.clear()
+
+    def epoch_stats(self, k: int) -> dict[str, float]:
+        """Node k's CSV columns since the last call, as Transport.epoch_stats (nobody waits here)."""
+        s, self._stats[k] = self._stats[k], fresh_stats()
+        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
+                "wait_s": 0.0, "exchanges": s["exchanges"]}
+
+    def state_dict(self, k: int) -> dict:
+        """Node k's messages received but not applied: a Transport's checkpoint state."""
+        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready[k].items()},
+                "ready_round": {j: built for j, (built, _) in self.ready[k].items()}}
+
+    def load_state_dict(self, k: int, state: dict) -> None:
+        self.round = state["round"]
+        self.ready[k] = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}

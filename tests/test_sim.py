@@ -25,17 +25,19 @@ COMPARED = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test
 # every rule in sync; the rules that allow it in overlap too (config.SYNC_ONLY)
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco"]
 OVERLAP = ["dsgd", "gossip", "admm", "admm_isvr"]
-# (rule, mode, model, batch size); batch 0 = full batch: shards of different sizes, one call per node
-CASES = [(a, "sync", m, 32) for a in ALGORITHMS for m in ("logistic", "mlp")] + \
-        [(a, "overlap", m, 32) for a in OVERLAP for m in ("logistic", "mlp")] + \
-        [("dsgd", "sync", "mlp", 0), ("pdmm", "sync", "logistic", 0)]
+# (rule, mode, model, batch size, topology); batch 0 = full batch: shards of different sizes, one call per node;
+# one_peer_hypercube: a time-varying graph (each round one peer)
+CASES = [(a, "sync", m, 32, "ring") for a in ALGORITHMS for m in ("logistic", "mlp")] + \
+        [(a, "overlap", m, 32, "ring") for a in OVERLAP for m in ("logistic", "mlp")] + \
+        [("dsgd", "sync", "mlp", 0, "ring"), ("pdmm", "sync", "logistic", 0, "ring")] + \
+        [("dsgd", "overlap", "mlp", 32, "one_peer_hypercube"), ("admm", "sync", "mlp", 32, "one_peer_hypercube")]
 
 
-def _config(name: str, mode: str, model: str, batch: int, out: str) -> Config:
-    """2 epochs of non-IID digits on a ring of 4, momentum 0.9, no TensorBoard (speed)."""
+def _config(name: str, mode: str, model: str, batch: int, topology: str, out: str) -> Config:
+    """2 epochs of non-IID digits on 4 nodes, momentum 0.9, no TensorBoard (speed)."""
     extra = ["--algorithm.compressor", "topk", "--algorithm.consensus_lr", "0.2"] if name == "choco" else []
     return load_config(["--data.partition", "dirichlet", "--data.batch_size", str(batch), "--topology.name",
-                        "ring", "--model.name", model,
+                        topology, "--model.name", model,
                         "--algorithm.name", name, "--algorithm.lr", "0.05", "--algorithm.momentum", "0.9",
                         "--comm.mode", mode, "--train.epochs", "2", "--train.checkpoint_every", "0",
                         "--log.tensorboard", "false", "--log.plots", "false", "--log.progress", "false",

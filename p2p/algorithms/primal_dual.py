@@ -93,7 +93,7 @@ class PrimalDual(Algorithm):
         self.rounds = 0  # exchanges so far: r
 
     def update(self, lr: float) -> None:
-        w, A, z = self.flat.w, self.A, self.z
+        w, z = self.flat.w, self.z
         d = self.direction(self.flat.g, w)
         # w ← (w/γ − c_g d + Σ_j c_ij A_{i|j} z_{i|j}) / (1/γ + Σ_j c_ij), numerator and denominator
         # multiplied by γ (γ c_ij = k_ij): one temporary, in-place updates, whatever the degree
