@@ -7,8 +7,10 @@ Every config field can be overridden as --section.field value; --help lists them
 
 import sys
 
+import torch
+
 from p2p.comm import PeerFailure
-from p2p.config import Config, ConfigError, load_config, to_toml
+from p2p.config import Config, ConfigError, load_config, one_line, to_toml
 from p2p.trainer import NonFiniteLoss, run
 
 
@@ -30,6 +32,10 @@ def main(argv: list[str]) -> int:
         return 2
     except (NonFiniteLoss, PeerFailure) as e:  # the run failed; its last checkpoint is kept
         sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a log file do not run lines together
+        return 1
+    except torch.OutOfMemoryError as e:  # e.g. too many simulated nodes for one GPU; the last checkpoint is kept
+        sys.stderr.write(f"error: out of GPU memory ({one_line(e)}): lower --data.batch_size, --sim.nodes or the "
+                         f"model\n")
         return 1
     return 0
 

@@ -272,6 +272,9 @@ def run(cfg: Config) -> dict[str, float]:
     if tcfg.sleep_factor > 0 or tcfg.step_delay > 0:
         raise ConfigError("--train.sleep_factor and --train.step_delay delay real processes: launch with torchrun "
                           "to study stragglers (--sim.nodes has no clocks)")
+    if cfg.data.workers:
+        log.warning("--data.workers %d is not used with --sim.nodes: the simulator gathers every node's batch itself",
+                    cfg.data.workers)
     device, _ = resolve_device(cfg.run.device, "auto", Env(0, 1, 0, 1))  # no process group: any backend
     topology, interval_warning = network(cfg, n)
     splits = load_splits(cfg.data)

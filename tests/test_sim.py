@@ -149,3 +149,17 @@ def test_simulation_under_torchrun_is_one_line(tmp_path):
     assert "error: --sim.nodes runs the whole network in one process: start it with python train.py" in done.stderr
     assert 'p2p/' not in done.stderr and 'train.py", line' not in done.stderr  # torchrun's own traceback only
     assert not (tmp_path / "r").exists()
+
+
+def test_out_of_gpu_memory_is_one_line(monkeypatch, tmp_path, capsys):
+    """Too many simulated nodes for one GPU: one line naming what to lower, exit 1, no traceback."""
+    def too_big(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                     "139.81 GiB\nof which ...")
+
+    monkeypatch.setattr(sim, "run", too_big)
+    assert train.main(["--sim.nodes", "256", "--run.dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                   "capacity of 139.81 GiB): lower --data.batch_size, --sim.nodes or the model\n")
+
