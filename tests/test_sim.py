@@ -163,3 +163,22 @@ def test_out_of_gpu_memory_is_one_line(monkeypatch, tmp_path, capsys):
     assert err == ("error: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                    "capacity of 139.81 GiB): lower --data.batch_size, --sim.nodes or the model\n")
 
+
+
+def test_a_run_moves_between_torchrun_and_simulation(tmp_path):
+    """Checkpoints have one format: a torchrun run continued in simulation, then under torchrun again, ends where
+    an uninterrupted torchrun run does (MLP, quickstart split, 4 epochs)."""
+    args = ["--config", "configs/quickstart.toml", "--model.name", "mlp", "--log.progress", "false",
+            "--log.plots", "false", "--log.tensorboard", "false"]
+    moved, straight = str(tmp_path / "moved"), str(tmp_path / "straight")
+    for done in (_torchrun([*args, "--train.epochs", "4", "--run.dir", straight]),
+                 _torchrun([*args, "--train.epochs", "2", "--run.dir", moved]),
+                 launch([sys.executable, "train.py", *args, "--train.epochs", "3", "--run.dir", moved,
+                         "--run.resume", "true", "--sim.nodes", "4"], 200),
+                 _torchrun([*args, "--train.epochs", "4", "--run.dir", moved, "--run.resume", "true"])):
+        assert done.returncode == 0, done.stderr[-3000:]
+    for k in range(N):
+        a, b = csv_rows(tmp_path / "straight" / f"node{k}.csv"), csv_rows(tmp_path / "moved" / f"node{k}.csv")
+        assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+        for key in ("train_loss", "test_loss", "test_acc", "bytes_sent"):
+            assert math.isclose(a[-1][key], b[-1][key], rel_tol=RTOL), (k, key, a[-1][key], b[-1][key])
