@@ -134,6 +134,8 @@ class LogConfig:
 @dataclass
 class SimConfig:
     nodes: int = 0  # simulate this many nodes in one process (python train.py, no torchrun); 0 = off
+    step_s: float = 0.01  # virtual seconds of one local step (plus train.step_delay draws): the clocks of async
+    latency_s: float = 0.0  # virtual seconds for an exchange to complete once both ends posted it
 
 
 @dataclass
@@ -361,6 +363,9 @@ def validate(cfg: Config) -> None:
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.sim.nodes >= 0, "--sim.nodes must be >= 0 (0 = no simulation: one process per node)"),
+        (cfg.sim.step_s >= 0 and finite(cfg.sim.step_s), "--sim.step_s must be >= 0 and finite (virtual seconds)"),
+        (cfg.sim.latency_s >= 0 and finite(cfg.sim.latency_s),
+         "--sim.latency_s must be >= 0 and finite (virtual seconds)"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
     ]
     for ok, message in checks:

@@ -14,6 +14,7 @@ COLUMNS = [
     "epoch", "train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc",
     "consensus_dist", "avg_test_loss", "avg_test_acc", "lr", "bytes_sent", "compute_s", "comm_s",
     "sleep_s", "wall_s", "staleness_mean", "staleness_max", "wait_s", "exchanges", "dual_norm", "penalty_ratio",
+    "sim_s",
 ]
 # CSV column -> TensorBoard tag; the network-wide ones go to tb/global (rank 0) only.
 NODE_TAGS = {
@@ -22,6 +23,7 @@ NODE_TAGS = {
     "lr": "lr", "bytes_sent": "comm/bytes_sent", "compute_s": "time/compute_s", "comm_s": "time/comm_s",
     "staleness_mean": "comm/staleness_mean", "staleness_max": "comm/staleness_max", "wait_s": "time/wait_s",
     "exchanges": "comm/exchanges", "dual_norm": "dual/norm", "penalty_ratio": "dual/penalty_ratio",
+    "sim_s": "time/sim_s",
 }
 GLOBAL_TAGS = {
     "consensus_dist": "consensus/distance", "avg_test_loss": "avg_model/test_loss",

@@ -8,7 +8,9 @@ torchrun job:
                vmapped over the rows of W and the nodes' minibatches (n, B, ...), so n small models cost
                about one model with an n-times larger batch (dropout draws differently per node)
     messages   transport.InMemory hands each round's messages from rule to rule with the timing of the
-               `sync` and `overlap` modes; `async` needs real clocks and is an error
+               `sync`, `overlap` and `async` modes, on virtual clocks: a local step takes `sim.step_s`
+               plus the node's `train.step_delay` draw (the real run's draws), an exchange completes
+               `sim.latency_s` after both ends posted it
     data       node k draws from its shard with seed + k through the same sampler as a real node,
                so it sees the same samples in the same order
 
@@ -39,7 +41,7 @@ from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loa
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.topology import Topology
-from p2p.trainer import Node, NonFiniteLoss, log_epoch, lr_at, network, start_run_dir
+from p2p.trainer import Node, NonFiniteLoss, edge_slots, log_epoch, lr_at, network, start_run_dir
 from p2p.transport import InMemory
 
 log = logging.getLogger("p2p")
@@ -114,7 +116,8 @@ class Simulation:
         self.comms = [SimComm(k, self) for k in range(self.n)]
         flats = [FlatParams.row(list(self.like.values()), self.W[k], self.G[k]) for k in range(self.n)]
         self.rules = [build_algorithm(flats[k], cfg.algorithm, topology, self.comms[k]) for k in range(self.n)]
-        self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval)
+        self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval, cfg.comm.max_staleness,
+                                  cfg.sim.latency_s)
         loaders = [node_loader(splits, shards[k], cfg.data, seed=cfg.run.seed + k, n_nodes=self.n)
                    for k in range(self.n)]
         val, test = eval_loader(splits.val, 1000), eval_loader(splits.test, 1000)
@@ -269,9 +272,9 @@ def run(cfg: Config) -> dict[str, float]:
     if read_env().world_size > 1:
         raise ConfigError("--sim.nodes runs the whole network in one process: start it with python train.py, "
                           "not torchrun with several ranks")
-    if tcfg.sleep_factor > 0 or tcfg.step_delay > 0:
-        raise ConfigError("--train.sleep_factor and --train.step_delay delay real processes: launch with torchrun "
-                          "to study stragglers (--sim.nodes has no clocks)")
+    if tcfg.sleep_factor > 0:
+        raise ConfigError("--train.sleep_factor sleeps real processes between epochs: simulate stragglers with "
+                          "--train.step_delay (virtual seconds per step) or launch with torchrun")
     if cfg.data.workers:
         log.warning("--data.workers %d is not used with --sim.nodes: the simulator gathers every node's batch itself",
                     cfg.data.workers)
@@ -286,6 +289,9 @@ def run(cfg: Config) -> dict[str, float]:
     progress = _begin(cfg, sim, ckpts)
     start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1],
                   interval_warning)
+    if edge_slots(cfg, topology, sim.rules[0])[0] is not None:
+        log.warning("the per-edge slots of topology %s are not simulated: every edge exchanges at a round's end",
+                    topology.source)
     for k, shard in enumerate(shards):
         log.debug("node%d: %d samples, classes %s", k, len(shard),
                   class_histogram(splits.train_labels, shard, splits.num_classes))
@@ -299,6 +305,16 @@ def run(cfg: Config) -> dict[str, float]:
     if device.type == "cuda":
         seconds["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return seconds
+
+
+def _delays(cfg: Config, k: int, epoch: int) -> Iterator[float] | None:
+    """Node k's per-step straggler delays in `epoch` (virtual seconds): the exponential draws a real node k
+    sleeps (trainer.train_loop), or None when it has none."""
+    t = cfg.train
+    if t.step_delay <= 0 or (t.slow_ranks and k not in t.slow_ranks):
+        return None
+    rng = np.random.default_rng((cfg.run.seed, k, epoch, 1))
+    return iter(lambda: float(rng.exponential(t.step_delay)), None)
 
 
 def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer], progress: list[dict] | None) -> int:
@@ -320,6 +336,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
             loss_sum = torch.zeros(n, device=sim.device)
             correct = torch.zeros(n, device=sim.device, dtype=torch.long)
             n_seen = torch.zeros(n, device=sim.device, dtype=torch.long)
+            delays = [_delays(cfg, k, epoch) for k in range(n)]  # per node: its straggler delays, as a real node's
             for X, Y in sim.epoch_batches():
                 lr = lr_at(step, tcfg, acfg.lr)
                 with sim.timed("compute"):
@@ -327,13 +344,15 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 with sim.timed("rules"):
                     for rule in sim.rules:
                         rule.update(lr)
+                seconds = [cfg.sim.step_s + (next(d) if d else 0.0) for d in delays]
                 with sim.timed("exchange"):
-                    sim.transport.after_step(sim.rules, step)
+                    sim.transport.after_step(sim.rules, step, seconds)
                 loss_sum += loss
                 correct += right
                 n_seen += size
                 step += 1
                 bar.update()
+            sim.transport.drain()  # as a real node: every exchange complete at an epoch's end (and in its checkpoint)
             train_s = time.perf_counter() - t_epoch
             train_loss = (loss_sum.double() / steps_per_epoch).tolist()  # as a real node divides its .item()
             train_acc = (correct.double() / n_seen).tolist()

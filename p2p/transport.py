@@ -24,11 +24,12 @@ that step the same three moves happen for that edge alone: wait for its exchange
 state now. Staleness and draining work per edge as above.
 
 This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes.
-`InMemory` is the same timing for a whole simulated network in one process (p2p/sim.py).
+`InMemory` is the same timing for a whole simulated network in one process (p2p/sim.py), on virtual clocks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ from dataclasses import dataclass
 import torch
 
 from p2p.comm import Comm, Posted
-from p2p.config import ConfigError
 
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
 
@@ -195,48 +195,77 @@ class Transport:
 
 
 class InMemory:
-    """Every node's exchanges, handed from rule object to rule object: the `sync` and `overlap` modes
-    of p2p/transport.py, with its `after_step`, `end_round`, `drain`, statistics and per-node state.
+    """Every node's exchanges, handed from rule object to rule object: the three modes above for a whole
+    simulated network in one process (p2p/sim.py), with `after_step`, `end_round`, `drain`, statistics
+    and per-node checkpoint state as a Transport's.
 
-        sync     at the end of round r: every node's messages (private copies: a rule may send its
-                 own buffers), then every node receives those addressed to it
-        overlap  at the end of round r: every node receives what was sent to it at round r − 1, then
-                 sends round r's, which wait to be received at round r + 1
+    Each node has a virtual clock: `after_step` advances it by the step's duration (`sim.step_s`, plus
+    any straggler delay the caller draws). Node i posts round r's messages at its clock t_i(r); the
+    exchange of round r on edge (i, j) completes at max(t_i(r), t_j(r)) + latency. At the end of round
+    r a node waits (its clock jumps) until its exchanges of rounds <= r − S have completed, and is handed
+    the newest completed message per edge it has not had (older ones are superseded, never applied):
+    the rule of the module docstring, with time virtual. With every clock in step, sync hands over round
+    r's messages, overlap round r − 1's, and async (latency below a round) round r − 1's too.
 
-    Messages never travel late or get lost here, so overlap is exactly one round stale, as on a
-    network where every exchange finishes within a round (which the real overlap waits for).
+    All nodes move in lockstep through the rounds (their gradients are computed together), which is
+    exact because a node can only ever be handed messages of earlier rounds: what differs between nodes
+    is only which of them has arrived, and that is decided by the clocks.
     """
 
-    def __init__(self, comms: list, mode: str, interval: int):
-        if mode not in STALENESS:
-            raise ConfigError(f"--comm.mode {mode} needs real clocks and is not simulated: use sync or overlap "
-                              f"with --sim.nodes, or launch {mode} with torchrun")
-        self.comms, self.S, self.K = comms, STALENESS[mode], interval
+    def __init__(self, comms: list, mode: str, interval: int, max_staleness: int = 2, latency_s: float = 0.0):
+        self.comms, self.S, self.K, self.latency = comms, STALENESS.get(mode, max_staleness), interval, latency_s
         self.round = 0  # rounds ended so far
-        self.ready: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in comms]  # per node: {sender: (round, msg)}
+        self.now = [0.0] * len(comms)  # each node's virtual clock (s)
+        self.posted: list[dict[int, float]] = [{} for _ in comms]  # per node: {round: clock when it posted}
+        # per node: {sender: [round, message, counted]} sent to it, not yet handed over, oldest first
+        self.inbox: list[dict[int, deque[list]]] = [{} for _ in comms]
         self._stats = [fresh_stats() for _ in comms]
 
-    def after_step(self, rules: list, step: int) -> None:
+    def after_step(self, rules: list, step: int, seconds: list[float] | None = None) -> None:
+        """After local step `step` of every node, which took each node `seconds[k]` of virtual time."""
+        for k, s in enumerate(seconds or ()):
+            self.now[k] += s
         if (step + 1) % self.K == 0:
             self.end_round(rules)
 
     def end_round(self, rules: list) -> None:
         start, r = time.perf_counter(), self.round
         if self.S == 0:
-            for ready in self.ready:
-                ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
             self._send(rules, r)
-            self._hand_over(rules, r)
+            self._receive(rules, r, until=r)
         else:
-            self._hand_over(rules, r)
+            self._receive(rules, r, until=r - self.S)
             self._send(rules, r)
+        for posted in self.posted:  # older rounds' exchanges have all completed
+            for old in [m for m in posted if m < r - self.S]:
+                del posted[old]
         self.round += 1
         share = (time.perf_counter() - start) / len(rules)
         for comm in self.comms:
             comm.comm_s += share
 
     def drain(self) -> None:
-        """Nothing is ever in flight: every message sent waits in `ready` already."""
+        """Every node waits for all its exchanges; their messages wait, unapplied, for the next round's end."""
+        for k, inbox in enumerate(self.inbox):
+            for j, letters in inbox.items():
+                if letters:
+                    self._wait(k, self._done_at(k, j, letters[-1][0]))
+                for letter in letters:
+                    self._count(k, letter)
+
+    def _done_at(self, k: int, j: int, r: int) -> float:
+        """When the exchange of round r between k and j completed (−inf: before the clocks kept it)."""
+        return max(self.posted[k].get(r, -math.inf), self.posted[j].get(r, -math.inf)) + self.latency
+
+    def _wait(self, k: int, until: float) -> None:
+        if until > self.now[k]:
+            self._stats[k]["wait_s"] += until - self.now[k]
+            self.now[k] = until
+
+    def _count(self, k: int, letter: list) -> None:
+        if not letter[2]:
+            letter[2] = True
+            self._stats[k]["exchanges"] += 1
 
     def _send(self, rules: list, r: int) -> None:
         sent = []
@@ -248,34 +277,48 @@ class InMemory:
                     copies[id(t)] = t.clone()
             sent.append({j: copies[id(t)] for j, t in msgs.items()})
             self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
+            if msgs:
+                self.posted[k][r] = self.now[k]
         for k, msgs in enumerate(sent):
             for j, msg in msgs.items():
                 if k not in sent[j]:  # a real run would wait for it forever
                     raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
-                self.ready[j][k] = (r, msg)
-                self._stats[j]["exchanges"] += 1
+                self.inbox[j].setdefault(k, deque()).append([r, msg, False])
 
-    def _hand_over(self, rules: list, r: int) -> None:
+    def _receive(self, rules: list, r: int, until: int) -> None:
+        """Each node: wait for its exchanges of rounds <= until, then take the newest completed one per edge."""
         for k, rule in enumerate(rules):
-            ready, stats = self.ready[k], self._stats[k]
-            rule.receive({j: msg for j, (_, msg) in ready.items()})
-            for built, _ in ready.values():
+            for j, letters in self.inbox[k].items():
+                due = [letter for letter in letters if letter[0] <= until]
+                if due:
+                    self._wait(k, self._done_at(k, j, due[-1][0]))
+            give, stats = {}, self._stats[k]
+            for j, letters in self.inbox[k].items():
+                while letters and self._done_at(k, j, letters[0][0]) <= self.now[k]:
+                    letter = letters.popleft()
+                    self._count(k, letter)
+                    give[j] = letter  # a newer one supersedes it
+            rule.receive({j: msg for j, (_, msg, _) in give.items()})
+            for built, _, _ in give.values():
                 stats["sum"] += r - built
                 stats["n"] += 1
                 stats["max"] = max(stats["max"], r - built)
-            ready.clear()
 
     def epoch_stats(self, k: int) -> dict[str, float]:
-        """Node k's CSV columns since the last call, as Transport.epoch_stats (nobody waits here)."""
+        """Node k's CSV columns since the last call, as Transport.epoch_stats; wait_s in virtual seconds, and
+        sim_s, its clock now."""
         s, self._stats[k] = self._stats[k], fresh_stats()
         return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
-                "wait_s": 0.0, "exchanges": s["exchanges"]}
+                "wait_s": s["wait_s"], "exchanges": s["exchanges"], "sim_s": self.now[k]}
 
     def state_dict(self, k: int) -> dict:
-        """Node k's messages received but not applied: a Transport's checkpoint state."""
-        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready[k].items()},
-                "ready_round": {j: built for j, (built, _) in self.ready[k].items()}}
+        """A Transport's checkpoint state (call after `drain`: every message is complete, only the newest per
+        edge can still be applied), plus node k's clock."""
+        newest = {j: letters[-1] for j, letters in self.inbox[k].items() if letters}
+        return {"round": self.round, "ready": {j: msg for j, (_, msg, _) in newest.items()},
+                "ready_round": {j: built for j, (built, _, _) in newest.items()}, "clock": self.now[k]}
 
     def load_state_dict(self, k: int, state: dict) -> None:
-        self.round = state["round"]
-        self.ready[k] = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
+        """Node k's state from `state_dict` or a real node's checkpoint (no clock: 0)."""
+        self.round, self.now[k], self.posted[k] = state["round"], state.get("clock", 0.0), {}
+        self.inbox[k] = {j: deque([[state["ready_round"][j], msg.clone(), True]]) for j, msg in state["ready"].items()}
