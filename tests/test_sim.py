@@ -113,11 +113,13 @@ def test_torchrun_job_and_simulation_write_the_same_run(tmp_path):
     assert "[sim]\nnodes = 4" in (tmp_path / "sim" / "config.toml").read_text()
 
 
-def test_simulated_run_resumes_exactly(tmp_path):
-    """admm in overlap (duals, momentum, a message waiting in every checkpoint): 3 epochs straight, or 2 and
-    then --run.resume to 3, end on the same numbers."""
-    base = ["--data.partition", "dirichlet", "--topology.name", "ring", "--model.name", "mlp", "--algorithm.name",
-            "admm", "--algorithm.momentum", "0.9", "--comm.mode", "overlap", "--sim.nodes", "4",
+@pytest.mark.parametrize("setting", [["--algorithm.name", "admm", "--comm.mode", "overlap"],
+                                     ["--comm.mode", "async", "--train.step_delay", "0.02"]], ids=["admm-overlap", "async"])
+def test_simulated_run_resumes_exactly(setting, tmp_path):
+    """admm in overlap (duals, momentum, a message waiting in every checkpoint), dsgd in async with random delays
+    (virtual clocks): 3 epochs straight, or 2 and then --run.resume to 3, end on the same numbers."""
+    base = ["--data.partition", "dirichlet", "--topology.name", "ring", "--model.name", "mlp",
+            "--algorithm.momentum", "0.9", "--sim.nodes", "4", *setting,
             "--log.progress", "false", "--log.tensorboard", "false", "--log.plots", "false"]
     sim.run(load_config([*base, "--train.epochs", "3", "--run.dir", str(tmp_path / "straight")]))
     sim.run(load_config([*base, "--train.epochs", "2", "--run.dir", str(tmp_path / "resumed")]))
@@ -125,7 +127,8 @@ def test_simulated_run_resumes_exactly(tmp_path):
     for k in range(N):
         straight, resumed = csv_rows(tmp_path / "straight" / f"node{k}.csv"), csv_rows(tmp_path / "resumed" / f"node{k}.csv")
         assert [r["epoch"] for r in resumed] == [1, 2, 3]
-        for key in ("train_loss", "test_loss", "consensus_dist", "bytes_sent", "exchanges"):
+        for key in ("train_loss", "test_loss", "consensus_dist", "bytes_sent", "exchanges", "staleness_mean",
+                    "wait_s", "sim_s"):
             assert straight[-1][key] == resumed[-1][key], (k, key)
 
 
