@@ -40,11 +40,17 @@ def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extr
     return time.perf_counter() - start
 
 
-def summarize(out: Path) -> dict[str, float]:
-    last = []
+def final_rows(out: Path) -> list[dict]:
+    """Every node's last CSV row of the run in `out` (node0 first); the other benchmarks use it too."""
+    rows = []
     for path in sorted(out.glob("node*.csv")):
         with path.open() as f:
-            last.append(list(csv.DictReader(f))[-1])
+            rows.append(list(csv.DictReader(f))[-1])
+    return rows
+
+
+def summarize(out: Path) -> dict[str, float]:
+    last = final_rows(out)
     accs = [float(r["test_acc"]) for r in last]
     return {"mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs),
             "avg_model": float(last[0]["avg_test_acc"]), "consensus": float(last[0]["consensus_dist"]),

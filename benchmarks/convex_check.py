@@ -13,7 +13,6 @@ has a low f_i(w_i) and a high F(w_i).)
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -28,16 +27,10 @@ from p2p.config import load_config  # noqa: E402
 from p2p.data import load_splits, partition  # noqa: E402
 from p2p.models import build_model  # noqa: E402
 
+from compare_algorithms import final_rows  # noqa: E402  (benchmarks/ is on the path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["allreduce", "dsgd", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"]
-
-
-def final_rows(out: Path) -> list[dict]:
-    rows = []
-    for path in sorted(out.glob("node*.csv")):
-        with path.open() as f:
-            rows.append(list(csv.DictReader(f))[-1])
-    return rows
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ Run nothing else meanwhile: the timings share this machine's cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from compare_algorithms import final_rows  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--log.progress", "false", "--log.plots", "false"]
@@ -33,14 +34,6 @@ def _wall(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
-def _last_rows(out: Path) -> list[dict]:
-    rows = []
-    for path in sorted(out.glob("node*.csv")):
-        with path.open() as f:
-            rows.append(list(csv.DictReader(f))[-1])
-    return rows
-
-
 def compare(out: Path, algorithm: str) -> None:
     """Wall time of one row of the README's comparison, launch included: 8 torchrun processes vs one simulation."""
     args = ["--config", "configs/compare_digits.toml", "--algorithm.name", algorithm, *QUIET]
@@ -48,7 +41,7 @@ def compare(out: Path, algorithm: str) -> None:
                   *args, "--run.dir", str(out / "real")], {**os.environ, "OMP_NUM_THREADS": "1"})
     simulated = _wall([sys.executable, "train.py", *args, "--sim.nodes", "8", "--run.dir", str(out / "sim")],
                       dict(os.environ))
-    accs = {name: sum(float(r["test_acc"]) for r in _last_rows(out / name)) / 8 for name in ("real", "sim")}
+    accs = {name: sum(float(r["test_acc"]) for r in final_rows(out / name)) / 8 for name in ("real", "sim")}
     print("| run | wall s (launch included) | node test acc mean |\n|---|---|---|")
     print(f"| torchrun, 8 processes | {real:.1f} | {accs['real']:.4f} |")
     print(f"| --sim.nodes 8, one process | {simulated:.1f} | {accs['sim']:.4f} |")
@@ -100,7 +93,7 @@ def ring(out: Path, sizes: list[int], algorithms: list[str], epochs: int) -> Non
                   "--data.classes_per_node", "2", "--data.batch_size", "8", "--data.samples_per_epoch", "80",
                   "--train.epochs", str(epochs),
                   "--train.eval_every", str(epochs), "--sim.nodes", str(n), "--run.dir", str(run_dir), *QUIET])
-            rows = _last_rows(run_dir)
+            rows = final_rows(run_dir)
             mean = sum(float(r["test_acc"]) for r in rows) / n
             cells += [f"{mean:.3f} ({float(rows[0]['avg_test_acc']):.3f})", f"{float(rows[0]['consensus_dist']):.2e}"]
         print("| " + " | ".join(cells) + " |", flush=True)
