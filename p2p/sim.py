@@ -41,7 +41,7 @@ from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loa
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.topology import Topology
-from p2p.trainer import Node, NonFiniteLoss, edge_slots, log_epoch, lr_at, network, start_run_dir
+from p2p.trainer import Node, edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays, stop_if_nonfinite
 from p2p.transport import InMemory
 
 log = logging.getLogger("p2p")
@@ -124,9 +124,9 @@ class Simulation:
         # what a checkpoint saves and restores of each node, as of a real one
         self.nodes = [Node(RowModel(self, k), flats[k], self.rules[k], self.transport, loaders[k], val, test)
                       for k in range(self.n)]
-        source = _tensor_source(loaders[0].dataset)  # every shard is a Subset of the same training split
-        self.tensors = tuple(t.to(device) for t in source[0]) if source else None
-        self.index = [_tensor_source(ld.dataset)[1].to(device) for ld in loaders] if source else None
+        sources = [_tensor_source(ld.dataset) for ld in loaders]  # every shard: a Subset of the same training split
+        self.tensors = tuple(t.to(device) for t in sources[0][0]) if sources[0] else None
+        self.index = [index.to(device) for _, index in sources] if sources[0] else None
         self.seconds = dict.fromkeys(("data", "compute", "rules", "exchange", "eval"), 0.0)  # where the time goes
 
     @contextmanager
@@ -307,16 +307,6 @@ def run(cfg: Config) -> dict[str, float]:
     return seconds
 
 
-def _delays(cfg: Config, k: int, epoch: int) -> Iterator[float] | None:
-    """Node k's per-step straggler delays in `epoch` (virtual seconds): the exponential draws a real node k
-    sleeps (trainer.train_loop), or None when it has none."""
-    t = cfg.train
-    if t.step_delay <= 0 or (t.slow_ranks and k not in t.slow_ranks):
-        return None
-    rng = np.random.default_rng((cfg.run.seed, k, epoch, 1))
-    return iter(lambda: float(rng.exponential(t.step_delay)), None)
-
-
 def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer], progress: list[dict] | None) -> int:
     """trainer.train_loop for every node at once: the same steps, rows, evaluations and checkpoints.
     Returns the steps taken (per node)."""
@@ -336,7 +326,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
             loss_sum = torch.zeros(n, device=sim.device)
             correct = torch.zeros(n, device=sim.device, dtype=torch.long)
             n_seen = torch.zeros(n, device=sim.device, dtype=torch.long)
-            delays = [_delays(cfg, k, epoch) for k in range(n)]  # per node: its straggler delays, as a real node's
+            delays = [step_delays(cfg, k, epoch) for k in range(n)]  # per node: a real node k's draws
             for X, Y in sim.epoch_batches():
                 lr = lr_at(step, tcfg, acfg.lr)
                 with sim.timed("compute"):
@@ -364,10 +354,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 row["compute_s"] = train_s / n - row["comm_s"]  # each node's share of the process's time
                 rows.append({**row, **sim.rules[k].diagnostics(lr)})
 
-            bad = [k for k, loss in enumerate(train_loss) if not np.isfinite(loss)]
-            if bad:
-                raise NonFiniteLoss(f"non-finite training loss on node(s) {bad} in epoch {epoch}: lower "
-                                    f"--algorithm.lr; the last good checkpoint is kept in {ckpts[0].dir}")
+            stop_if_nonfinite(train_loss, epoch, ckpts[0].dir)
 
             if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
                 with sim.timed("eval"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +70,25 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
         count += len(y)
     model.train()
     return loss_sum / count, correct / count
+
+
+def step_delays(cfg: Config, rank: int, epoch: int) -> Iterator[float] | None:
+    """Node `rank`'s straggler delay per step of `epoch` (`train.step_delay`, `slow_ranks`): seconds it sleeps, or
+    in simulation virtual seconds. Exponential draws per (seed, rank, epoch), so a resumed run repeats them, and a
+    simulated node k draws what a real node k does. None when the node has none."""
+    t = cfg.train
+    if t.step_delay <= 0 or (t.slow_ranks and rank not in t.slow_ranks):
+        return None
+    rng = np.random.default_rng((cfg.run.seed, rank, epoch, 1))
+    return iter(lambda: float(rng.exponential(t.step_delay)), None)
+
+
+def stop_if_nonfinite(train_losses: list[float], epoch: int, ckpt_dir: Path) -> None:
+    """NonFiniteLoss naming the nodes whose training loss (by rank, every node's) is NaN or inf."""
+    bad = [rank for rank, loss in enumerate(train_losses) if not np.isfinite(loss)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite training loss on node(s) {bad} in epoch {epoch}: lower --algorithm.lr; "
+                            f"the last good checkpoint is kept in {ckpt_dir}")
 
 
 def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
@@ -244,13 +265,11 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             loss_sum = torch.zeros((), device=comm.device)
             correct = torch.zeros((), device=comm.device, dtype=torch.long)
             n_seen = 0  # samples, counted: a full batch is the shard, whatever batch_size says
-            # per-step straggler delays: exponential draws per (seed, rank, epoch), so a resumed run repeats them
-            delays = np.random.default_rng((cfg.run.seed, env.rank, epoch, 1))
-            delay_s = 0.0
+            delays, delay_s = step_delays(cfg, env.rank, epoch), 0.0
             for x, y in node.loader:
                 lr = lr_at(step, tcfg, acfg.lr)
-                if slow and tcfg.step_delay > 0:
-                    delay_s += (d := delays.exponential(tcfg.step_delay))
+                if delays:
+                    delay_s += (d := next(delays))
                     time.sleep(d)
                 loss, right = train_step(node.model, node.flat, node.algorithm, node.transport, x.to(comm.device),
                                          y.to(comm.device), lr, step, acfg.l2_lambda)
@@ -268,11 +287,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             row.update(node.algorithm.diagnostics(lr))
 
             # stop every node together if any loss is not finite
-            bad = comm.all_gather_floats([float(not np.isfinite(row["train_loss"]))])
-            if any(b[0] for b in bad):
-                ranks = [r for r, b in enumerate(bad) if b[0]]
-                raise NonFiniteLoss(f"non-finite training loss on node(s) {ranks} in epoch {epoch}: lower "
-                                    f"--algorithm.lr; the last good checkpoint is kept in {ckpt.dir}")
+            stop_if_nonfinite([loss[0] for loss in comm.all_gather_floats([row["train_loss"]])], epoch, ckpt.dir)
 
             # evaluate the node and the network
             if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
