@@ -45,6 +45,20 @@ def fresh_stats() -> dict:
     return {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
 
 
+def add_staleness(s: dict, rounds: int) -> None:
+    """Count one message applied `rounds` after the round it was built in."""
+    s["sum"] += rounds
+    s["n"] += 1
+    s["max"] = max(s["max"], rounds)
+
+
+def stats_columns(s: dict) -> dict[str, float]:
+    """A node's CSV columns from its `fresh_stats` counts: staleness in rounds (mean and max over the messages
+    applied), seconds blocked waiting for exchanges, exchanges completed."""
+    return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
+            "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
+
+
 @dataclass
 class _InFlight:
     round: int
@@ -79,11 +93,9 @@ class Transport:
         self._stats = fresh_stats()
 
     def epoch_stats(self) -> dict[str, float]:
-        """The CSV columns since the last call: staleness in rounds (mean and max over the messages
-        applied), seconds blocked waiting for exchanges, exchanges completed."""
+        """The CSV columns since the last call (`stats_columns`)."""
         s, self._stats = self._stats, fresh_stats()
-        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
-                "wait_s": s["wait_s"], "exchanges": s["exchanges"]}
+        return stats_columns(s)
 
     def after_step(self, rule, step: int) -> None:
         """After local step `step` (0-based, counted over the run): the exchanges due now, if any."""
@@ -164,9 +176,7 @@ class Transport:
         rule.receive({j: msg for j, (_, msg) in give.items()})
         for j, (built, msg) in give.items():
             self.applied[j] = self.applied.get(j, 0) + 1
-            self._stats["sum"] += r - built  # staleness: this round minus the round the message was built in
-            self._stats["n"] += 1
-            self._stats["max"] = max(self._stats["max"], r - built)
+            add_staleness(self._stats, r - built)
             if self.S > 0:
                 self._pool.append(msg)
             del self.ready[j]
@@ -300,16 +310,13 @@ class InMemory:
                     give[j] = letter  # a newer one supersedes it
             rule.receive({j: msg for j, (_, msg, _) in give.items()})
             for built, _, _ in give.values():
-                stats["sum"] += r - built
-                stats["n"] += 1
-                stats["max"] = max(stats["max"], r - built)
+                add_staleness(stats, r - built)
 
     def epoch_stats(self, k: int) -> dict[str, float]:
         """Node k's CSV columns since the last call, as Transport.epoch_stats; wait_s in virtual seconds, and
         sim_s, its clock now."""
         s, self._stats[k] = self._stats[k], fresh_stats()
-        return {"staleness_mean": s["sum"] / s["n"] if s["n"] else 0.0, "staleness_max": s["max"],
-                "wait_s": s["wait_s"], "exchanges": s["exchanges"], "sim_s": self.now[k]}
+        return {**stats_columns(s), "sim_s": self.now[k]}
 
     def state_dict(self, k: int) -> dict:
         """A Transport's checkpoint state (call after `drain`: every message is complete, only the newest per
