@@ -306,10 +306,6 @@ SYNC_ONLY = {
     "choco": "choco's copies x_hat_j must stay identical at both ends, and a stale or skipped message "
              "desynchronises them; use --comm.mode sync",
     "cadmm": "cadmm diverges with stale neighbour weights (ALGORITHMS.md); use --comm.mode sync",
-    "pdmm": "pdmm's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
-            "use admm or --comm.mode sync",
-    "pdmm_isvr": "pdmm_isvr's dual update z_ij <- y_ji is not averaged and diverges with one round of staleness; "
-                 "use admm_isvr or --comm.mode sync",
 }
 
 

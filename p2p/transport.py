@@ -5,9 +5,15 @@ A rule (p2p/algorithms) says what it sends, `messages()`, and what it does with 
 staleness bound (sync 0, overlap 1, async `comm.max_staleness`), at the end of round r:
 
     sync (S = 0):  post round r's messages; wait for them; hand them to the rule
-    S >= 1:        wait until every edge's exchange of round r − S has completed; hand the rule the
-                   newest completed message per edge that it has not had yet; post round r's
-                   messages (private copies), which travel while the next local steps run
+    S >= 1:        wait until every edge's exchange of round r − S has completed; post round r's
+                   messages (private copies, built from the state now), which travel while the
+                   next local steps run; then hand the rule the newest message per edge that had
+                   completed before the post and that it has not had yet
+
+Build-first (ALGORITHMS.md, "Staleness and the order of build and apply"): with S >= 1 round r's
+messages are built before the received ones are applied. For pdmm's dual rule z_ij <- y_ji the order
+decides everything: receive-first makes y_ij(r) = y_ji(r-1) - 2 A_ij w_i, a reflection of a reflection
+that diverges with one round of staleness (tests/test_exchange_modes.py shows both orders).
 
 Each edge carries one exchange per round in which its rule sends, the m-th message of i paired
 with the m-th of j, so both ends complete the same number. With S = 1 round r − 1 is the only one
@@ -20,8 +26,8 @@ With the seed's per-edge slots (`async` only, when K is the topology file's roun
 decides), an edge exchanges not at the round's end but once per round, after the local step t
 with t mod K = its slot, the slot of its lower-ranked end, so both ends post at the same step. At
 that step the same three moves happen for that edge alone: wait for its exchange of round r − S
-(r = t div K), hand over its newest completed message, post its message built from the rule's
-state now. Staleness and draining work per edge as above.
+(r = t div K), post its message built from the rule's state now, hand over its newest completed
+message. Staleness and draining work per edge as above.
 
 This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes.
 `InMemory` is the same timing for a whole simulated network in one process (p2p/sim.py), on virtual clocks.
@@ -107,9 +113,9 @@ class Transport:
         if due:
             start, r = time.perf_counter(), step // self.K
             self._collect(until=r - self.S, peers=due)
-            self._hand_over(rule, r, peers=due)
-            send = rule.messages()  # every peer's; only the due ones travel
+            send = rule.messages()  # every peer's, built before applying (build-first); only the due ones travel
             self._post({j: send[j] for j in due if j in send}, r)
+            self._hand_over(rule, r, peers=due)
             for j in due:
                 self.posted_at.setdefault(j, Counter())[step % self.K] += 1
             self.comm.comm_s += time.perf_counter() - start
@@ -131,8 +137,8 @@ class Transport:
             self._hand_over(rule, r)
         else:
             self._collect(until=r - self.S)
+            self._post(rule.messages(), r)  # build-first: round r's messages from the state before applying
             self._hand_over(rule, r)
-            self._post(rule.messages(), r)
             self.comm.comm_s += time.perf_counter() - start  # sync's exchange counts its own
         self.round += 1
 
@@ -242,10 +248,11 @@ class InMemory:
         start, r = time.perf_counter(), self.round
         if self.S == 0:
             self._send(rules, r)
-            self._receive(rules, r, until=r)
+            self._receive(rules, r, until=r, newest=r)
         else:
-            self._receive(rules, r, until=r - self.S)
-            self._send(rules, r)
+            self._wait_for(r - self.S)
+            self._send(rules, r)  # build-first, as Transport
+            self._receive(rules, r, until=r - self.S, newest=r - 1)  # not round r's, just posted
         for posted in self.posted:  # older rounds' exchanges have all completed
             for old in [m for m in posted if m < r - self.S]:
                 del posted[old]
@@ -295,16 +302,22 @@ class InMemory:
                     raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
                 self.inbox[j].setdefault(k, deque()).append([r, msg, False])
 
-    def _receive(self, rules: list, r: int, until: int) -> None:
-        """Each node: wait for its exchanges of rounds <= until, then take the newest completed one per edge."""
-        for k, rule in enumerate(rules):
+    def _wait_for(self, until: int) -> None:
+        """Each node waits (its clock jumps) until its exchanges of rounds <= until have completed."""
+        for k in range(len(self.comms)):
             for j, letters in self.inbox[k].items():
                 due = [letter for letter in letters if letter[0] <= until]
                 if due:
                     self._wait(k, self._done_at(k, j, due[-1][0]))
+
+    def _receive(self, rules: list, r: int, until: int, newest: int) -> None:
+        """Each node: wait for its exchanges of rounds <= until, then take the newest completed one per edge, of
+        rounds <= newest (a Transport collects before it posts: the round it just posted is never handed over)."""
+        self._wait_for(until)
+        for k, rule in enumerate(rules):
             give, stats = {}, self._stats[k]
             for j, letters in self.inbox[k].items():
-                while letters and self._done_at(k, j, letters[0][0]) <= self.now[k]:
+                while letters and letters[0][0] <= newest and self._done_at(k, j, letters[0][0]) <= self.now[k]:
                     letter = letters.popleft()
                     self._count(k, letter)
                     give[j] = letter  # a newer one supersedes it

@@ -24,7 +24,7 @@ COMPARED = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test
 
 # every rule in sync; the rules that allow it in overlap too (config.SYNC_ONLY)
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco"]
-OVERLAP = ["dsgd", "gossip", "admm", "admm_isvr"]
+OVERLAP = ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr"]
 # (rule, mode, model, batch size, topology); batch 0 = full batch: shards of different sizes, one call per node;
 # one_peer_hypercube: a time-varying graph (each round one peer)
 CASES = [(a, "sync", m, 32, "ring") for a in ALGORITHMS for m in ("logistic", "mlp")] + \

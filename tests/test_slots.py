@@ -7,8 +7,8 @@ edge (0, 1) at 4, (0, 2) at 0, (1, 2) at 5.
 - The trainer (digits, logistic model, dsgd, async, 2 epochs, then a third resumed from the checkpoint)
   runs to the end on every node; each edge posts its exchange at exactly its slot, once per round, and
   completes one exchange per round on both ends.
-- admm with slots in async (K = 10, S = 2, random per-step delays) still reaches the centralized optimum of
-  test_exactness's convex problem (3 of its shards).
+- admm, pdmm and pdmm_isvr with slots in async (K = 10, S = 2, random per-step delays) still reach the
+  centralized optimum of test_exactness's convex problem (3 of its shards).
 - Where the slots are not used (sync, K other than the file's round, gossip), the reason is given.
 """
 
@@ -89,11 +89,14 @@ def test_trainer_exchanges_each_edge_at_its_slot_and_resumes(tmp_path):
 TOL, CHECK_EVERY, MAX_STEPS, DELAY_S = 1e-6, 50, 4000, 0.0005
 
 
-def _admm_slots(comm) -> dict:
+SLOT_RULES = {"admm": dict(name="admm", eta=ETA), "pdmm": dict(name="pdmm", eta=ETA), "pdmm_isvr": dict(name="pdmm_isvr")}
+
+
+def _slots_run(comm, rule: str) -> dict:
     topology = load_topology(SEED_RING)
     x, y = _shard(comm.rank)
     model, flat = _model()
-    cfg = AlgorithmConfig(name="admm", eta=ETA, lr=LR, l2_lambda=L2, interval=K)
+    cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": K, **SLOT_RULES[rule]})
     algorithm = build_algorithm(flat, cfg, topology, comm)
     transport = Transport(comm, "async", S, K, SLOT[comm.rank])
     delays = random.Random(comm.rank)
@@ -113,8 +116,9 @@ def _admm_slots(comm) -> dict:
             "posted_at": {j: dict(c) for j, c in transport.posted_at.items()}}
 
 
-def test_admm_with_slots_in_async_reaches_the_optimum():
-    runs = run_ranks(_admm_slots, 3, timeout=280)
+@pytest.mark.parametrize("rule", SLOT_RULES)
+def test_primal_dual_with_slots_in_async_reaches_the_optimum(rule):
+    runs = run_ranks(_slots_run, 3, rule, timeout=280)
     result = runs[0]
     grad, spread = result["trace"][-1]
     assert grad <= TOL and spread <= TOL, (result["steps"], result["trace"][-3:])
@@ -124,7 +128,7 @@ def test_admm_with_slots_in_async_reaches_the_optimum():
         for j, slot in SLOT[i].items():
             assert r["posted_at"][j] == {slot: rounds}
             assert r["completed"][j] == runs[j]["completed"][i] == rounds
-    print(f"\nadmm async with slots: {result['steps']} steps")
+    print(f"\n{rule} async with slots: {result['steps']} steps")
 
 
 @pytest.mark.parametrize("args, used, why", [
