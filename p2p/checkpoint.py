@@ -80,9 +80,11 @@ class Checkpointer:
     """Saves a node every `every` epochs and after epoch `last` (never when every = 0), and restores
     it from a checkpoint. Saving the last epoch lets `--run.resume` extend a finished run."""
 
-    def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int, fixed: dict[str, object] | None = None):
+    def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int, fixed: dict[str, object] | None = None,
+                 keep: int = KEEP):
         self.dir, self.rank, self.every, self.last = ckpt_dir, rank, every, last
         self.fixed = fixed or {}  # fixed_fields(): recorded in every checkpoint, compared when loading
+        self.keep = keep  # newest files kept (0: all); resuming reads only the KEEP newest
 
     def _path(self, epoch: int) -> Path:
         return self.dir / f"node{self.rank}_epoch{epoch}.pt"
@@ -93,10 +95,14 @@ class Checkpointer:
         found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_epoch*.pt")]
         return sorted(int(m.group(1)) for m in found if m)
 
+    def due(self, epoch: int) -> bool:
+        """Whether `maybe_save` writes after `epoch`."""
+        return self.every > 0 and (epoch % self.every == 0 or epoch == self.last)
+
     def maybe_save(self, node: Node, comm: Comm, progress: dict) -> None:
         """Write `progress` ({"epoch", "step", "wall_s", "transport"}) and all state, if this epoch is due."""
         epoch = progress["epoch"]
-        if self.every == 0 or (epoch % self.every and epoch != self.last):
+        if not self.due(epoch):
             return
         state = {
             "progress": progress,
@@ -120,7 +126,7 @@ class Checkpointer:
             os.fsync(f.fileno())  # the bytes are on disk before a name points at them
         os.replace(tmp, self._path(epoch))  # atomic: the old checkpoints stay until this one exists
         _fsync_dir(self.dir)  # and so is the rename, before an older checkpoint goes
-        for old in self.epochs()[:-KEEP]:
+        for old in self.epochs()[:-self.keep] if self.keep else []:
             self._path(old).unlink(missing_ok=True)
 
     def readable(self, device: torch.device) -> dict[int, dict]:

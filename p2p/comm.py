@@ -141,6 +141,7 @@ class Comm:
         self.bytes_sent = 0  # payload bytes this node has sent, all exchanges together
         self.comm_s = 0.0  # wall time spent waiting on communication
         self.failed = False  # a wait failed: the group may hold work that never completes
+        self.collectives = 0  # calls that every rank must join (async training makes none before its end; tested)
         self._waiters: dict[int, queue.Queue] = {}  # gloo: one waiter thread per peer (see Posted)
 
     def start(self) -> None:
@@ -161,6 +162,7 @@ class Comm:
 
     def barrier(self) -> None:
         flag = torch.ones(1, device=self.device)
+        self.collectives += 1
         with self._guard("barrier over all ranks"):
             dist.all_reduce(flag)
 
@@ -232,6 +234,7 @@ class Comm:
         and its time; evaluation traffic (averaged model, consensus distance) counts neither.
         """
         start = time.perf_counter()
+        self.collectives += 1
         with self._guard("all-reduce over all ranks"):
             dist.all_reduce(t)
         t.div_(self.world_size)
@@ -259,6 +262,7 @@ class Comm:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few scalars over all ranks (metrics, flags); not counted as training traffic."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.collectives += 1
         with self._guard("all-reduce over all ranks"):
             dist.all_reduce(t)
         return t.tolist()
@@ -267,6 +271,7 @@ class Comm:
         """Every rank's scalars, indexed by rank (for logs that compare nodes)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self.collectives += 1
         with self._guard("all-gather over all ranks"):
             dist.all_gather(out, t)
         return [o.tolist() for o in out]
@@ -281,6 +286,7 @@ class Comm:
         t[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
         t = t.to(self.device)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self.collectives += 1
         with self._guard("all-gather over all ranks"):
             dist.all_gather(out, t)
         return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, sizes)]

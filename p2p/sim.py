@@ -285,7 +285,7 @@ def run(cfg: Config) -> dict[str, float]:
     torch.manual_seed(cfg.run.seed)  # dropout of every node, drawn per node by vmap
     sim = Simulation(cfg, topology, splits, shards, device)
     ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs,
-                                     checkpoint.fixed_fields(cfg, n)) for k in range(n)]
+                                     checkpoint.fixed_fields(cfg, n), tcfg.keep_checkpoints) for k in range(n)]
     progress = _begin(cfg, sim, ckpts)
     start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1],
                   interval_warning)
@@ -342,7 +342,8 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 n_seen += size
                 step += 1
                 bar.update()
-            sim.transport.drain()  # as a real node: every exchange complete at an epoch's end (and in its checkpoint)
+            if cfg.comm.mode != "async" or epoch == tcfg.epochs or ckpts[0].due(epoch):
+                sim.transport.drain()  # as a real node: every exchange complete where a checkpoint is written
             train_s = time.perf_counter() - t_epoch
             train_loss = (loss_sum.double() / steps_per_epoch).tolist()  # as a real node divides its .item()
             train_acc = (correct.double() / n_seen).tolist()
@@ -367,8 +368,9 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
             for k, row in enumerate(rows):
                 row["wall_s"] = wall_s
                 metrics[k].log(row)
-                ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s,
-                                                                 "transport": sim.transport.state_dict(k)})
+                if ckpts[k].due(epoch):
+                    ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s,
+                                                                     "transport": sim.transport.state_dict(k)})
     finally:
         bar.close()
         for m in metrics:

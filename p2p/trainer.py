@@ -23,7 +23,7 @@ from p2p.data import class_histogram, eval_loader, load_splits, node_loader, par
 from p2p.models import build_model
 from p2p.metrics import Metrics
 from p2p.topology import Topology, build_topology
-from p2p.transport import Transport
+from p2p.transport import NetworkStop, Transport
 
 log = logging.getLogger("p2p")
 
@@ -87,8 +87,12 @@ def stop_if_nonfinite(train_losses: list[float], epoch: int, ckpt_dir: Path) -> 
     """NonFiniteLoss naming the nodes whose training loss (by rank, every node's) is NaN or inf."""
     bad = [rank for rank, loss in enumerate(train_losses) if not np.isfinite(loss)]
     if bad:
-        raise NonFiniteLoss(f"non-finite training loss on node(s) {bad} in epoch {epoch}: lower --algorithm.lr; "
-                            f"the last good checkpoint is kept in {ckpt_dir}")
+        raise NonFiniteLoss(nonfinite_message(f"node(s) {bad}", epoch, ckpt_dir))
+
+
+def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
+    return (f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr; the last good checkpoint "
+            f"is kept in {ckpt_dir}")
 
 
 def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
@@ -112,16 +116,21 @@ class Node:
     test_loader: DataLoader
 
 
-def evaluate_network(node: Node, comm: Comm) -> dict[str, float]:
-    """This node's val/test metrics plus the network's: consensus distance and the averaged model.
-
-    consensus_dist = (1/n) Σ_i ||w_i − w̄||²; avg_test_* evaluate w̄ = (1/n) Σ_i w_i. Without a
-    validation split (val_fraction = 0) the val_* entries are absent.
-    """
+def evaluate_node(node: Node, device: torch.device) -> dict[str, float]:
+    """This node's val/test metrics; without a validation split (val_fraction = 0) the val_* entries are absent."""
     row: dict[str, float] = {}
     if len(node.val_loader.dataset):
-        row["val_loss"], row["val_acc"] = evaluate(node.model, node.val_loader, comm.device)
-    row["test_loss"], row["test_acc"] = evaluate(node.model, node.test_loader, comm.device)
+        row["val_loss"], row["val_acc"] = evaluate(node.model, node.val_loader, device)
+    row["test_loss"], row["test_acc"] = evaluate(node.model, node.test_loader, device)
+    return row
+
+
+def evaluate_network(node: Node, comm: Comm) -> dict[str, float]:
+    """This node's val/test metrics plus the network's (collectives): consensus distance and the averaged model.
+
+    consensus_dist = (1/n) Σ_i ||w_i − w̄||²; avg_test_* evaluate w̄ = (1/n) Σ_i w_i.
+    """
+    row = evaluate_node(node, comm.device)
     w = node.flat.w
     w_bar = comm.all_reduce_mean_(w.clone(), training=False)
     row["consensus_dist"] = comm.all_reduce_sum([(w - w_bar).pow(2).sum().item()])[0] / comm.world_size
@@ -225,7 +234,7 @@ def run(cfg: Config) -> None:
         # the same config on every rank, then continue the run or start one: decided together, before any write
         comm.check_same(config_lines(cfg, topology))
         ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs,
-                                       checkpoint.fixed_fields(cfg, env.world_size))
+                                       checkpoint.fixed_fields(cfg, env.world_size), cfg.train.keep_checkpoints)
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
@@ -258,27 +267,39 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter() - (progress["wall_s"] if progress else 0.0)  # wall_s continues across restarts
+    # async meets nobody during training: no collective before the last epoch's end (README, "Exchange modes");
+    # a stop travels in the messages, the network's metrics wait for the end (or python -m p2p.evaluate)
+    meets = cfg.comm.mode != "async"
     try:  # close the writers and the bar however the loop ends, so TensorBoard keeps every point
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+            last = epoch == tcfg.epochs
             # local steps, exchanging every K-th
             t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
             loss_sum = torch.zeros((), device=comm.device)
             correct = torch.zeros((), device=comm.device, dtype=torch.long)
             n_seen = 0  # samples, counted: a full batch is the shard, whatever batch_size says
             delays, delay_s = step_delays(cfg, env.rank, epoch), 0.0
-            for x, y in node.loader:
-                lr = lr_at(step, tcfg, acfg.lr)
-                if delays:
-                    delay_s += (d := next(delays))
-                    time.sleep(d)
-                loss, right = train_step(node.model, node.flat, node.algorithm, node.transport, x.to(comm.device),
-                                         y.to(comm.device), lr, step, acfg.l2_lambda)
-                loss_sum += loss
-                correct += right
-                n_seen += len(y)
-                step += 1
-                bar.update()
-            node.transport.drain()  # nothing in flight at an epoch end: checkpoints hold only applied-or-ready
+            try:
+                for x, y in node.loader:
+                    lr = lr_at(step, tcfg, acfg.lr)
+                    if delays:
+                        delay_s += (d := next(delays))
+                        time.sleep(d)
+                    loss, right = train_step(node.model, node.flat, node.algorithm, node.transport,
+                                             x.to(comm.device), y.to(comm.device), lr, step, acfg.l2_lambda)
+                    loss_sum += loss
+                    correct += right
+                    n_seen += len(y)
+                    step += 1
+                    bar.update()
+                # nothing in flight where a checkpoint is written (it holds only applied-or-ready messages);
+                # async waits for its neighbours' exchanges only there, everyone else at every epoch end
+                if meets or last or ckpt.due(epoch):
+                    node.transport.drain()
+            except NetworkStop as e:  # async: a node stopped the run; pass it on, then stop
+                node.transport.announce_stop(e.origin)
+                raise NonFiniteLoss(nonfinite_message(f"node {e.origin} (heard from neighbour {e.peer})", epoch,
+                                                      ckpt.dir)) from None
             train_s = time.perf_counter() - t_epoch
             row = {**node.transport.epoch_stats(), "epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
                    "train_acc": correct.item() / n_seen, "lr": lr, "bytes_sent": comm.bytes_sent,
@@ -286,14 +307,25 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             row["compute_s"] = train_s - row["comm_s"] - delay_s
             row.update(node.algorithm.diagnostics(lr))
 
-            # stop every node together if any loss is not finite
-            stop_if_nonfinite([loss[0] for loss in comm.all_gather_floats([row["train_loss"]])], epoch, ckpt.dir)
+            # stop every node together if any loss is not finite (async: this node's, told to its neighbours)
+            if meets or last:
+                stop_if_nonfinite([loss[0] for loss in comm.all_gather_floats([row["train_loss"]])], epoch, ckpt.dir)
+            elif not np.isfinite(row["train_loss"]):
+                node.transport.announce_stop(env.rank)
+                raise NonFiniteLoss(nonfinite_message(f"node {env.rank}", epoch, ckpt.dir))
 
-            # evaluate the node and the network
-            if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
-                row.update(evaluate_network(node, comm))
-                accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
-                log_epoch(epoch, tcfg.epochs, row, accs, time.perf_counter() - t_start, bar)
+            # evaluate the node and the network (async: the node alone until the end)
+            if meets or last:
+                if epoch % tcfg.eval_every == 0 or last:
+                    row.update(evaluate_network(node, comm))
+                    accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
+                    log_epoch(epoch, tcfg.epochs, row, accs, time.perf_counter() - t_start, bar)
+            elif epoch % tcfg.eval_every == 0:
+                row.update(evaluate_node(node, comm.device))
+                log.info("epoch %d/%d | train loss %.4f | test acc %.4f (node %d; async: the network's metrics after "
+                         "the last epoch) | %.1fs", epoch, tcfg.epochs, row["train_loss"], row["test_acc"], env.rank,
+                         time.perf_counter() - t_start)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['test_acc']:.3f}")
 
             # straggler simulation (the seed's sleep_factor); U per (seed, rank, epoch): a resumed run repeats it
             u = np.random.default_rng((cfg.run.seed, env.rank, epoch)).random()
@@ -302,8 +334,9 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             row["sleep_s"] = sleep_s + delay_s
             row["wall_s"] = time.perf_counter() - t_start
             metrics.log(row)
-            ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"],
-                                         "transport": node.transport.state_dict()})
+            if ckpt.due(epoch):  # (async drained only then)
+                ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"],
+                                             "transport": node.transport.state_dict()})
     finally:
         bar.close()
         metrics.close()

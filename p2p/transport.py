@@ -47,6 +47,14 @@ from p2p.comm import Comm, Posted
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
 
 
+class NetworkStop(RuntimeError):
+    """A neighbour's message carried the stop flag: node `origin` stopped the run (async, issue 14)."""
+
+    def __init__(self, origin: int, peer: int):
+        super().__init__(f"node {origin} stopped the run (heard from neighbour {peer})")
+        self.origin, self.peer = origin, peer
+
+
 def fresh_stats() -> dict:
     return {"sum": 0, "n": 0, "max": 0, "wait_s": 0.0, "exchanges": 0}
 
@@ -97,6 +105,12 @@ class Transport:
         self._pool: list[torch.Tensor] = []  # spare message buffers
         self._recv: dict[int, torch.Tensor] = {}  # sync: one receive buffer per peer
         self._stats = fresh_stats()
+        # async: every message carries one more element, the stop flag (0, or 1 + the rank that stopped the run),
+        # so a stop spreads through the neighbour exchange instead of a collective every epoch
+        self.flagged = mode == "async"
+        self.stop_flag = 0.0
+        self.stopped_peers: dict[int, int] = {}  # peer: the origin its flagged message named
+        self._template: dict[int, torch.Tensor] = {}  # per peer: a message like the ones it gets (announce_stop)
 
     def epoch_stats(self) -> dict[str, float]:
         """The CSV columns since the last call (`stats_columns`)."""
@@ -113,6 +127,7 @@ class Transport:
         if due:
             start, r = time.perf_counter(), step // self.K
             self._collect(until=r - self.S, peers=due)
+            self._raise_if_stopped()
             send = rule.messages()  # every peer's, built before applying (build-first); only the due ones travel
             self._post({j: send[j] for j in due if j in send}, r)
             self._hand_over(rule, r, peers=due)
@@ -137,6 +152,7 @@ class Transport:
             self._hand_over(rule, r)
         else:
             self._collect(until=r - self.S)
+            self._raise_if_stopped()
             self._post(rule.messages(), r)  # build-first: round r's messages from the state before applying
             self._hand_over(rule, r)
             self.comm.comm_s += time.perf_counter() - start  # sync's exchange counts its own
@@ -152,19 +168,64 @@ class Transport:
         start = time.perf_counter()
         self._collect(until=self.round)
         self.comm.comm_s += time.perf_counter() - start
+        self._raise_if_stopped()
+
+    def announce_stop(self, origin: int) -> None:
+        """Tell every neighbour that node `origin` stopped the run, then return: async's way to stop together.
+
+        One more exchange per edge, its stop flag set (the payload is zeros: nobody applies it). Each
+        neighbour meets it in its next exchange on that edge, raises NetworkStop and announces in turn, so
+        the stop reaches every node within (diameter x (S + 1)) rounds. Returns when every edge has carried
+        the flag, or its neighbour's own flag has arrived (it posts no more), or after comm.timeout_s. The
+        exchanges left in flight then never complete: the process group is left to the process exit.
+        """
+        self.stop_flag = float(origin + 1)
+        self._collect(until=-1)  # what has arrived already, without waiting
+        peers = [j for j in self._template if j not in self.stopped_peers]
+        self._post({j: torch.zeros_like(self._template[j][:-1]) for j in peers}, self.round)
+        deadline = time.monotonic() + self.comm.timeout.total_seconds()
+        while time.monotonic() < deadline:
+            self._collect(until=-1)
+            if all(j in self.stopped_peers or not self.in_flight.get(j) for j in peers):
+                break
+            time.sleep(0.001)
+        self.comm.failed = True  # work that never completes stays in the group: leave it to the process exit
+
+    def _raise_if_stopped(self) -> None:
+        if self.stopped_peers:
+            peer, origin = next(iter(self.stopped_peers.items()))
+            raise NetworkStop(origin, peer)
 
     def _post(self, send: dict[int, torch.Tensor], r: int) -> None:
-        copies = {j: self._buffer(t).copy_(t) for j, t in send.items()}  # the rule may change its buffers now
-        recv = {j: self._buffer(t) for j, t in send.items()}  # every rule sends and receives alike per edge
+        copies = {j: self._wire(t) for j, t in send.items()}  # the rule may change its buffers now
+        recv = {j: self._buffer(copies[j]) for j in send}  # every rule sends and receives alike per edge
         for j, posted in self.comm.post(copies, recv).items():
             self.in_flight.setdefault(j, deque()).append(_InFlight(r, posted, copies[j], recv[j]))
+            self._template[j] = recv[j]
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """The private copy of a message that travels: async appends the stop flag."""
+        if not self.flagged:
+            return self._buffer(t).copy_(t)
+        flat = t.reshape(-1)
+        wire = self._buffer(flat.new_empty(flat.numel() + 1))
+        wire[:-1].copy_(flat)
+        wire[-1] = self.stop_flag
+        return wire
+
+    def _payload(self, wire: torch.Tensor) -> torch.Tensor:
+        """What the rule gets of a received message: without async's stop flag."""
+        return wire[:-1] if self.flagged else wire
 
     def _collect(self, until: int, peers: list[int] | None = None) -> None:
-        """Move completed exchanges (with `peers` only) to `ready`; wait for those of rounds <= until."""
+        """Move completed exchanges (with `peers` only) to `ready`; wait for those of rounds <= until.
+
+        A flagged message (async: its sender stopped) is recorded in `stopped_peers`, never applied, and
+        nothing more is waited for on its edge: its sender posts no more."""
         for j, flights in self.in_flight.items():
             if peers is not None and j not in peers:
                 continue
-            while flights and (flights[0].round <= until or flights[0].posted.done()):
+            while flights and j not in self.stopped_peers and (flights[0].round <= until or flights[0].posted.done()):
                 one = flights.popleft()
                 t0 = time.perf_counter()
                 one.posted.wait()  # at once if done (NCCL: then the current stream waits for the receive)
@@ -172,6 +233,10 @@ class Transport:
                 self.completed[j] = self.completed.get(j, 0) + 1
                 self._stats["exchanges"] += 1
                 self._pool.append(one.sent)
+                if self.flagged and (flag := one.received[-1].item()):
+                    self.stopped_peers[j] = int(flag) - 1
+                    self._pool.append(one.received)
+                    continue
                 if j in self.ready:  # superseded before it was handed over
                     self._pool.append(self.ready[j][1])
                 self.ready[j] = (one.round, one.received)
@@ -179,7 +244,7 @@ class Transport:
     def _hand_over(self, rule, r: int, peers: list[int] | None = None) -> None:
         """Give the rule the ready messages (from `peers` only), each once."""
         give = {j: one for j, one in self.ready.items() if peers is None or j in peers}
-        rule.receive({j: msg for j, (_, msg) in give.items()})
+        rule.receive({j: self._payload(msg) for j, (_, msg) in give.items()})
         for j, (built, msg) in give.items():
             self.applied[j] = self.applied.get(j, 0) + 1
             add_staleness(self._stats, r - built)
@@ -202,12 +267,12 @@ class Transport:
     def state_dict(self) -> dict:
         """Messages completed but not yet applied (call after `drain`: nothing is in flight)."""
         assert not any(self.in_flight.values()), "drain before a checkpoint"
-        return {"round": self.round, "ready": {j: msg for j, (_, msg) in self.ready.items()},
+        return {"round": self.round, "ready": {j: self._payload(msg) for j, (_, msg) in self.ready.items()},
                 "ready_round": {j: built for j, (built, _) in self.ready.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
-        self.ready = {j: (state["ready_round"][j], msg.clone()) for j, msg in state["ready"].items()}
+        self.ready = {j: (state["ready_round"][j], self._wire(msg)) for j, msg in state["ready"].items()}
 
 
 class InMemory:
