@@ -191,7 +191,10 @@ def plot(runs: dict[str, Path], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[2].set_yscale("log") if positive else axes[2].set_yscale("symlog", linthresh=1e-8)
+    if positive:
+        axes[2].set_yscale("log")
+    else:
+        axes[2].set_yscale("symlog", linthresh=1e-8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
