@@ -159,3 +159,17 @@ def test_bad_input_is_one_line_and_starts_nothing(cmd, message, tmp_path):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message.replace("EMPTY", str(tmp_path)))
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.timeout(150)
+def test_a_failing_combination_is_reported_and_the_sweep_exits_non_zero(tmp_path):
+    """An 8-node topology file on 4 simulated nodes passes config validation but fails at start-up."""
+    done = launch([*SWEEP, "--grid", "topology.path=topologies/ring8.json", "--sim.nodes", "4",
+                   "--dir", str(tmp_path / "sw")], 120)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[1/1] topology.path=ring8: started"
+    assert lines[1].startswith("[1/1] topology.path=ring8: FAILED (exit 2) after ")
+    assert "error: topology topologies/ring8.json has 8 nodes but the world size is 4" in lines[1]
+    assert f"(log: {tmp_path / 'sw' / 'topology.path=ring8.log'})" in lines[1]
+    assert "1 of 1 combinations failed: topology.path=ring8" in done.stderr
