@@ -63,7 +63,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
 def _read(path: Path) -> list[dict[str, float | None]]:
     """A CSV as floats, None for empty cells."""
     with path.open(newline="") as f:
-        return [{k: float(v) if v not in ("", None) else None for k, v in row.items() if k} for row in csv.DictReader(f)]
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items() if k}
+                for row in csv.DictReader(f)]
 
 
 def _newest(rows: list[dict], key: str) -> tuple[float | None, int | None]:
@@ -101,7 +102,8 @@ def summarize(run_dir: Path, name: str) -> dict:
     cfg, nodes = run["cfg"], run["nodes"]
     topo = cfg.get("topology", {})
     planned = cfg.get("train", {}).get("epochs")
-    accs = [v for v in (_newest(rows, "test_acc")[0] for rows in nodes) if v is not None]
+    newest_acc = [a for a in (_newest(rows, "test_acc") for rows in nodes) if a[0] is not None]
+    accs = [v for v, _ in newest_acc]
     sent = [v for v in (_newest(rows, "bytes_sent")[0] for rows in nodes) if v is not None]
     wall = [v for v in (_newest(rows, "wall_s")[0] for rows in nodes) if v is not None]
     avg_acc, avg_epoch = _newest(run["network"], "avg_test_acc")
@@ -112,7 +114,9 @@ def summarize(run_dir: Path, name: str) -> dict:
         "mode": cfg.get("comm", {}).get("mode", "?"), "nodes": len(nodes),
         "simulated": bool(cfg.get("sim", {}).get("nodes")), "epochs_done": run["done"], "epochs_planned": planned,
         "test_acc_mean": sum(accs) / len(accs) if accs else None, "test_acc_min": min(accs, default=None),
-        "test_acc_max": max(accs, default=None), "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch,
+        "test_acc_max": max(accs, default=None),
+        "test_acc_mean_epoch": min((e for _, e in newest_acc), default=None),
+        "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch,
         "consensus_dist": consensus, "consensus_dist_epoch": consensus_epoch,
         "mb_sent": sum(sent) / len(sent) / 1e6 if sent else None, "wall_s": max(wall, default=None),
     }
@@ -130,7 +134,8 @@ def _fmt(row: dict, key: str) -> str:
         return "-"
     if isinstance(value, str):
         return value
-    text = {"consensus_dist": f"{value:.2e}", "mb_sent": f"{value:.2f}", "wall_s": f"{value:.1f}"}.get(key, f"{value:.3f}")
+    formats = {"consensus_dist": ".2e", "mb_sent": ".2f", "wall_s": ".1f"}
+    text = format(value, formats.get(key, ".3f"))
     epoch = row.get(f"{key}_epoch")
     return text + (f" (epoch {epoch})" if epoch is not None and epoch != row["epochs_done"] else "")
 

@@ -115,7 +115,8 @@ def _last_error(log: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2p.sweep", description=__doc__.splitlines()[0], allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m p2p.sweep", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False,
                                      epilog="Any other --section.field value is passed to every combination.")
     parser.add_argument("--config", help="TOML config shared by every combination")
     parser.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",

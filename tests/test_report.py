@@ -93,7 +93,8 @@ def test_report_of_a_simulated_and_a_torchrun_run_equals_their_csvs(runs, tmp_pa
             assert float(row[key]) == pytest.approx(value, rel=1e-12), (name, key)
         assert 0 < float(row["mb_sent"]) and 0 <= float(row["test_acc_min"]) <= float(row["test_acc_max"]) <= 1
     assert table["sim/algorithm.name=dsgd"]["nodes"] == "4" and table["tr/algorithm.name=dsgd"]["nodes"] == "2"
-    assert table["sim/algorithm.name=dsgd"]["topology"] == "ring4" and table["tr/algorithm.name=dsgd"]["topology"] == "ring"
+    assert table["sim/algorithm.name=dsgd"]["topology"] == "ring4"
+    assert table["tr/algorithm.name=dsgd"]["topology"] == "ring"
     md = (tmp_path / "both.md").read_text()
     assert md == done.stdout.split("wrote ")[0]  # printed as written
     assert "| tr/algorithm.name=dsgd | dsgd | ring | sync | 2 | 2/2 |" in md and "| 4 sim | 2/2 |" in md
@@ -124,10 +125,11 @@ def test_empty_network_columns_take_the_newest_value_and_network_csv_wins(runs, 
     run_dir = tmp_path / "async"
     shutil.copytree(runs["root"] / "sim" / "algorithm.name=dsgd", run_dir, ignore=shutil.ignore_patterns("ckpt"))
     first = csv_rows(run_dir / "node0.csv")[0]
-    for path in run_dir.glob("node*.csv"):  # epoch 2 without the network's columns
+    accs = [csv_rows(p)[0]["test_acc"] for p in sorted(run_dir.glob("node*.csv"))]
+    for path in run_dir.glob("node*.csv"):  # epoch 2 without the network's columns, nor the nodes' test
         with path.open() as f:
             rows = list(csv.DictReader(f))
-        rows[1].update(consensus_dist="", avg_test_acc="", avg_test_loss="")
+        rows[1].update(consensus_dist="", avg_test_acc="", avg_test_loss="", test_acc="", test_loss="")
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, list(rows[0]))
             writer.writeheader()
@@ -135,6 +137,7 @@ def test_empty_network_columns_take_the_newest_value_and_network_csv_wins(runs, 
     (row,), _ = report.report([run_dir], plots=False)
     assert row["avg_test_acc"] == first["avg_test_acc"] and row["avg_test_acc_epoch"] == 1
     assert row["consensus_dist"] == first["consensus_dist"]
+    assert row["test_acc_mean"] == pytest.approx(sum(accs) / 4, rel=1e-12) and row["test_acc_mean_epoch"] == 1
     assert f"{first['avg_test_acc']:.3f} (epoch 1)" in (run_dir / "report.md").read_text()
 
     (run_dir / "network.csv").write_text("epoch,consensus_dist,avg_test_loss,avg_test_acc\n2,0.25,1.5,0.75\n")
@@ -147,7 +150,8 @@ def test_empty_network_columns_take_the_newest_value_and_network_csv_wins(runs, 
 @pytest.mark.parametrize("cmd, message", [
     (["p2p.sweep", "--grid", "algorithm.nam=dsgd,pdmm"],
      "error: --grid algorithm.nam=dsgd: unknown config key 'algorithm.nam' in the command line (did you mean 'name'?)"),
-    (["p2p.sweep", "--grid", "algorithm.name=dsgd,pdmmm"], "error: --algorithm.name: unknown value 'pdmmm' (did you mean"),
+    (["p2p.sweep", "--grid", "algorithm.name=dsgd,pdmmm"],
+     "error: --algorithm.name: unknown value 'pdmmm' (did you mean"),
     (["p2p.sweep", "--grid", "algorithm.name=dsgd", "--train.epoch", "2"],
      "error: unknown config key 'train.epoch' in the command line (did you mean 'epochs'?)"),
     (["p2p.report", "EMPTY"], "error: EMPTY holds no run (no directory with config.toml and node*.csv below it)"),
@@ -157,7 +161,8 @@ def test_bad_input_is_one_line_and_starts_nothing(cmd, message, tmp_path):
     cmd = [c.replace("EMPTY", str(tmp_path)) for c in cmd]
     done = launch([sys.executable, "-m", *cmd, *(["--dir", str(tmp_path / "sw")] if "p2p.sweep" in cmd else [])], 100)
     assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message.replace("EMPTY", str(tmp_path)))
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(message.replace("EMPTY", str(tmp_path)))
     assert not (tmp_path / "sw").exists()
 
 
