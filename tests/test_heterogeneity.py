@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from p2p.algorithms import FlatParams, build_algorithm
+from p2p.algorithms import build_algorithm
 from p2p.config import AlgorithmConfig, ConfigError, load_config
 from p2p.topology import generate
 from test_exactness import (IRREGULAR, L2, MAX_STEPS, RING, SCHEDULED, TOL, _gradient, _gradient_at, _model, _run,

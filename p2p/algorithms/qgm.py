@@ -24,8 +24,8 @@ class QGM(DSGD):
       step and whatever exchange was applied since, in any order and mode. So with K > 1 every step's
       change counts (a local step alone, or step + combine), and qgm runs wherever dsgd runs: sync,
       overlap, async, time-varying graphs and per-edge slots (messages and receive are dsgd's).
-    - Only `optimizer = sgd`: QG-Adam (the paper's appendix) normalizes the model change and is not
-      implemented; the torch optimizer dsgd builds is never stepped here.
+    - Only `optimizer = sgd` (config.validate): the paper's code has a QG-Adam that normalizes the model
+      change, not implemented here; the torch optimizer dsgd builds is never stepped.
     """
 
     def __init__(self, *args):
