@@ -80,13 +80,17 @@ class TopologyConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "dsgd"  # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco
-    optimizer: str = "sgd"  # sgd | adam (local and allreduce)
+    # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco | gt | ed | qgm
+    name: str = "dsgd"
+    optimizer: str = "sgd"  # sgd | adam | adamw (local, allreduce, dsgd, gossip; the others: sgd)
     lr: float = 0.05  # learning rate (gamma)
     momentum: float = 0.0  # SGD momentum β, for every rule (primal-dual and cadmm: torch SGD's direction)
     dampening: float = 0.0  # SGD dampening
     nesterov: bool = False  # SGD Nesterov momentum
-    weight_decay: float = 0.0  # torch optimizer weight decay (every rule, applied as torch SGD does)
+    beta1: float = 0.9  # adam, adamw: first-moment decay
+    beta2: float = 0.999  # adam, adamw: second-moment decay
+    eps: float = 1e-8  # adam, adamw: denominator term
+    weight_decay: float = 0.0  # torch optimizer weight decay (every rule as torch SGD applies it; adamw: decoupled)
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
     mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
     interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1 (ISVR: 4)
@@ -165,8 +169,9 @@ CHOICES: dict[str, tuple] = {
                       "exponential_schedule"),
     "algorithm.name": (
         "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco",
+        "gt", "ed", "qgm",
     ),
-    "algorithm.optimizer": ("sgd", "adam"),
+    "algorithm.optimizer": ("sgd", "adam", "adamw"),
     "algorithm.mixing": ("metropolis", "uniform", "file"),
     "algorithm.penalty_scale": ("fan_in", "none"),
     "algorithm.dual_init": ("consensus", "zero"),
@@ -307,7 +312,14 @@ SYNC_ONLY = {
     "choco": "choco's copies x_hat_j must stay identical at both ends, and a stale or skipped message "
              "desynchronises them; use --comm.mode sync",
     "cadmm": "cadmm diverges with stale neighbour weights (ALGORITHMS.md); use --comm.mode sync",
+    "gt": "gt's trackers keep sum_i y_i = sum_i g_i only if both ends of an edge mix the same round's values; "
+          "use qgm or --comm.mode sync",
+    "ed": "ed's correction keeps sum_i (x_i - psi_i) = 0 only if every node combines the same round's phi_j; "
+          "use qgm or --comm.mode sync",
 }
+
+# Rules whose local step is a torch optimizer, so --algorithm.optimizer may replace SGD
+TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip")
 
 
 def validate(cfg: Config) -> None:
@@ -323,8 +335,13 @@ def validate(cfg: Config) -> None:
     finite = math.isfinite
     checks = [
         (a.lr > 0 and finite(a.lr), "--algorithm.lr must be > 0 and finite"),
-        (a.optimizer == "sgd" or a.name in ("local", "allreduce"),
-         f"--algorithm.optimizer adam is only for local and allreduce; {a.name} uses SGD for its local step"),
+        (a.optimizer == "sgd" or a.name in TORCH_OPTIMIZER,
+         f"--algorithm.optimizer {a.optimizer} is only for {', '.join(TORCH_OPTIMIZER)}; {a.name} uses SGD "
+         f"(or its own momentum) for its local step"),
+        (a.optimizer == "sgd" or (a.momentum == 0 and not a.nesterov and a.dampening == 0),
+         f"--algorithm.momentum, dampening and nesterov are SGD's; {a.optimizer} has --algorithm.beta1 and beta2"),
+        (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1, "--algorithm.beta1 and --algorithm.beta2 must be in [0, 1)"),
+        (a.eps > 0 and finite(a.eps), "--algorithm.eps must be > 0 and finite"),
         (a.interval >= 0, "--algorithm.interval (K) must be >= 1, or 0 for the topology file's round (else 1)"),
         # K(d+1) - 2d <= 0 for every d >= 1; K = 0 is resolved later, and the algorithm checks it again then
         (not (a.name.endswith("_isvr") and a.piw == 2 and a.interval == 1),

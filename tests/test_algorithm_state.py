@@ -18,11 +18,13 @@ from p2p.topology import generate
 pytestmark = pytest.mark.timeout(60)
 
 
-def _build(name: str):
+def _build(name: str, optimizer: str = "sgd"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     flat = FlatParams(model)
-    cfg = AlgorithmConfig(name=name, lr=0.1, momentum=0.9, eta=0.5, interval=1)  # every rule has a momentum buffer
+    # every rule has a momentum buffer (Adam: its two moments)
+    cfg = AlgorithmConfig(name=name, lr=0.1, momentum=0.9 if optimizer == "sgd" else 0.0, eta=0.5, interval=1,
+                          optimizer=optimizer)
     comm = SimpleNamespace(rank=1, world_size=4)
     return model, flat, build_algorithm(flat, cfg, generate("ring", 4), comm)
 
@@ -37,9 +39,11 @@ def _steps(model, flat, algorithm, seed: int, n: int) -> None:
         algorithm.step(0.1, exchange=False)
 
 
-@pytest.mark.parametrize("name", [n for n in ALGORITHMS if n != "allreduce"])  # allreduce communicates every step
-def test_state_round_trip_is_exact(name):
-    model, flat, algorithm = _build(name)
+# every rule but allreduce (it communicates every step), and Adam as a local step
+@pytest.mark.parametrize("name,optimizer", [(n, "sgd") for n in ALGORITHMS if n != "allreduce"]
+                         + [("dsgd", "adam"), ("gossip", "adamw")])
+def test_state_round_trip_is_exact(name, optimizer):
+    model, flat, algorithm = _build(name, optimizer)
     _steps(model, flat, algorithm, seed=0, n=5)
     # state that only exchanges change gets values a fresh instance cannot have by chance
     gen = torch.Generator().manual_seed(1)
@@ -47,16 +51,18 @@ def test_state_round_trip_is_exact(name):
     if name == "cadmm":  # its last received neighbour weights (gossip's w_j is only a receive buffer)
         duals += list(algorithm.w_j.values())
     duals += list(getattr(algorithm, "x_hat", {}).values())  # choco's public copies x̂_j
+    if name == "gt":  # the tracker, which exchanges mix
+        duals.append(algorithm.y)
     for t in duals:
         t.normal_(generator=gen)
-    if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual, choco: the exchange count r
+    if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual, choco, gt, ed, qgm: the exchange count r
         algorithm.rounds = 3
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "algorithm": algorithm.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    model2, flat2, algorithm2 = _build(name)
+    model2, flat2, algorithm2 = _build(name, optimizer)
     model2.load_state_dict(state["model"])
     algorithm2.load_state_dict(state["algorithm"])
     _steps(model, flat, algorithm, seed=2, n=5)
@@ -65,4 +71,4 @@ def test_state_round_trip_is_exact(name):
     assert getattr(algorithm2, "rounds", None) == getattr(algorithm, "rounds", None)
     for j, x in getattr(algorithm, "x_hat", {}).items():
         assert torch.equal(algorithm2.x_hat[j], x)
-    assert not torch.equal(flat.w, _build(name)[1].w)  # it trained: the check compares something
+    assert not torch.equal(flat.w, _build(name, optimizer)[1].w)  # it trained: the check compares something

@@ -137,7 +137,8 @@ def test_malformed_command_lines_and_files(tmp_path):
     (["--data.name", "fashionmnst"], "--data.name: unknown value 'fashionmnst' (did you mean 'fashionmnist'?)"),
     (["--data.partition", "dirichelt"], "--data.partition: unknown value 'dirichelt' (did you mean 'dirichlet'?)"),
     (["--train.scheduler", "stepp"], "--train.scheduler: unknown value 'stepp' (did you mean 'step'?)"),
-    (["--algorithm.optimizer", "adam"], "--algorithm.optimizer adam is only for local and allreduce"),
+    (["--algorithm.name", "pdmm", "--algorithm.optimizer", "adam"],
+     "--algorithm.optimizer adam is only for local, allreduce, dsgd, gossip; pdmm uses SGD"),
     (["--comm.timeout_s", "inf"], "--comm.timeout_s must be > 0 and finite"),  # timedelta(inf) would overflow
     (["--algorithm.ratio", "0"], "--algorithm.ratio must be in (0, 1]"),
     (["--algorithm.ratio", "1.5"], "--algorithm.ratio must be in (0, 1]"),
@@ -150,7 +151,7 @@ def test_validate_names_the_flag(argv, expected):
 
 
 def test_validate_accepts_what_it_should():
-    for name in ("local", "allreduce"):
+    for name in ("local", "allreduce", "dsgd", "gossip"):
         assert load_config(["--algorithm.name", name, "--algorithm.optimizer", "adam"]).algorithm.optimizer == "adam"
     assert load_config(["--algorithm.piw", "0.5"]).algorithm.piw == 0.5
     cfg = Config()

@@ -34,7 +34,8 @@ def test_config_loads_and_its_topology_exists(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-@pytest.mark.parametrize("name", ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"])
+@pytest.mark.parametrize("name", ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "gt", "ed",
+                                  "qgm"])
 def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
     """`--algorithm.name X` on any shipped config builds (the checks that fire before the first
     collective: ISVR's penalty sign, cadmm's K = 1), with K resolved as train.py resolves it."""
@@ -50,6 +51,6 @@ def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
     cfg = load_config(["--config", str(path), "--algorithm.name", name])
     topology = build_topology(cfg.topology, load_topology(cfg.topology.path).n) if cfg.topology.path else generate("ring", 4)
     resolve_interval(cfg.algorithm, topology)
-    if name == "cadmm" and cfg.algorithm.interval != 1:
-        pytest.skip(f"{path.name} sets interval {cfg.algorithm.interval}: cadmm refuses it with a one-line error")
+    if name in ("cadmm", "ed") and cfg.algorithm.interval != 1:
+        pytest.skip(f"{path.name} sets interval {cfg.algorithm.interval}: {name} refuses it with a one-line error")
     build_algorithm(FlatParams(nn.Linear(3, 2)), cfg.algorithm, topology, SimpleNamespace(rank=0))

@@ -23,22 +23,28 @@ RTOL = 1e-5  # reached: ~1e-7 (batched kernels sum in another order than one mod
 COMPARED = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc", "avg_test_loss")
 
 # every rule in sync; the rules that allow it in overlap too (config.SYNC_ONLY)
-ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco"]
-OVERLAP = ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr"]
+ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco",
+              "gt", "ed", "qgm"]
+OVERLAP = ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "qgm"]
 # (rule, mode, model, batch size, topology); batch 0 = full batch: shards of different sizes, one call per node;
 # one_peer_hypercube: a time-varying graph (each round one peer)
 CASES = [(a, "sync", m, 32, "ring") for a in ALGORITHMS for m in ("logistic", "mlp")] + \
         [(a, "overlap", m, 32, "ring") for a in OVERLAP for m in ("logistic", "mlp")] + \
         [("dsgd", "sync", "mlp", 0, "ring"), ("pdmm", "sync", "logistic", 0, "ring")] + \
-        [("dsgd", "overlap", "mlp", 32, "one_peer_hypercube"), ("admm", "sync", "mlp", 32, "one_peer_hypercube")]
+        [("dsgd", "overlap", "mlp", 32, "one_peer_hypercube"), ("admm", "sync", "mlp", 32, "one_peer_hypercube")] + \
+        [("gt", "sync", "mlp", 32, "one_peer_hypercube"), ("ed", "sync", "mlp", 32, "one_peer_hypercube")] + \
+        [("dsgd_adam", "sync", "mlp", 32, "ring")]
 
 
 def _config(name: str, mode: str, model: str, batch: int, topology: str, out: str) -> Config:
     """2 epochs of non-IID digits on 4 nodes, momentum 0.9, no TensorBoard (speed)."""
     extra = ["--algorithm.compressor", "topk", "--algorithm.consensus_lr", "0.2"] if name == "choco" else []
+    momentum = "0.9"
+    if name == "dsgd_adam":  # Adam as dsgd's local step: its betas replace SGD's momentum
+        name, momentum, extra = "dsgd", "0", ["--algorithm.optimizer", "adam"]
     return load_config(["--data.partition", "dirichlet", "--data.batch_size", str(batch), "--topology.name",
                         topology, "--model.name", model,
-                        "--algorithm.name", name, "--algorithm.lr", "0.05", "--algorithm.momentum", "0.9",
+                        "--algorithm.name", name, "--algorithm.lr", "0.05", "--algorithm.momentum", momentum,
                         "--comm.mode", mode, "--train.epochs", "2", "--train.checkpoint_every", "0",
                         "--log.tensorboard", "false", "--log.plots", "false", "--log.progress", "false",
                         "--run.dir", out, *extra])

@@ -233,7 +233,8 @@ def test_schedule_summary_save_and_cli(tmp_path):
 
 
 def test_schedules_reach_the_rules_that_use_them(tmp_path):
-    """build_topology passes a schedule on; dsgd and the primal-dual rules use it, gossip, cadmm and choco refuse it."""
+    """build_topology passes a schedule on; dsgd, qgm, gt, ed and the primal-dual rules use it, gossip, cadmm and
+    choco refuse it."""
     t = build_topology(TopologyConfig(name="one_peer_hypercube"), 8)
     assert [t.active_neighbors(5, r) for r in range(4)] == [[4], [7], [1], [4]]  # 5 XOR 1, 2, 4, 1
     assert t.neighbors(5) == [1, 4, 7]

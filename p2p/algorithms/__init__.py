@@ -7,9 +7,12 @@ from p2p.algorithms.base import Algorithm, FlatParams
 from p2p.algorithms.cadmm import CADMM
 from p2p.algorithms.choco import Choco
 from p2p.algorithms.dsgd import DSGD
+from p2p.algorithms.ed import ExactDiffusion
 from p2p.algorithms.gossip import Gossip
+from p2p.algorithms.gt import GradientTracking
 from p2p.algorithms.local import Local
 from p2p.algorithms.primal_dual import PrimalDual
+from p2p.algorithms.qgm import QGM
 from p2p.comm import Comm
 from p2p.config import AlgorithmConfig
 from p2p.topology import Topology
@@ -25,6 +28,9 @@ ALGORITHMS = {
     "admm_isvr": partial(PrimalDual, dual="admm", penalty="isvr"),
     "cadmm": CADMM,
     "choco": Choco,
+    "gt": GradientTracking,
+    "ed": ExactDiffusion,
+    "qgm": QGM,
 }
 
 

@@ -159,9 +159,12 @@ class MomentumDirection:
 
 
 def make_optimizer(flat: FlatParams, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
-    """The local optimizer of the sgd-based rules: exactly torch's SGD (or Adam for local/allreduce)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(flat.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """The local optimizer of the torch-optimizer rules (local, allreduce, dsgd, gossip, choco): exactly torch's
+    SGD, Adam (weight_decay as an L2 term in the gradient) or AdamW (weight_decay decoupled), as torch defines them.
+    """
+    if cfg.optimizer in ("adam", "adamw"):
+        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return adam(flat.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(flat.params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
                            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 

@@ -3,6 +3,17 @@
 import torch
 
 from p2p.algorithms.local import Local
+from p2p.topology import Topology
+
+
+def mixing_rows(topology: Topology, kind: str, i: int) -> list[tuple[float, dict[int, float]]]:
+    """Node i's row of W(r) for each graph of the schedule (one for a static graph): (W_ii, {j: W_ij}) over
+    round r's peers, W(r) the `kind` mixing matrix (metropolis, uniform, file) of round r's graph."""
+    rows = []
+    for r, graph in enumerate(topology.schedule if topology.schedule is not None else (topology.edges,)):
+        W = topology.mixing_matrix(kind, graph)
+        rows.append((float(W[i, i]), {j: float(W[i, j]) for j in topology.active_neighbors(i, r)}))
+    return rows
 
 
 class DSGD(Local):
@@ -27,11 +38,7 @@ class DSGD(Local):
 
     def __init__(self, *args):
         super().__init__(*args)
-        top, i = self.topology, self.rank
-        self.rows = []  # per graph of the schedule (one for a static graph): (W_ii, {j: W_ij} over its peers)
-        for r, graph in enumerate(top.schedule if top.schedule is not None else (top.edges,)):
-            W = top.mixing_matrix(self.cfg.mixing, graph)
-            self.rows.append((float(W[i, i]), {j: float(W[i, j]) for j in top.active_neighbors(i, r)}))
+        self.rows = mixing_rows(self.topology, self.cfg.mixing, self.rank)  # per graph of the schedule
         self.rounds = 0  # exchanges so far: r
         self.W_ii, self.W_ij = 1.0, {}  # the row of the latest round this node sent in
         self.weight: dict[int, float] = {}  # per neighbour: W_ij of the latest round this node sent to j
