@@ -28,17 +28,13 @@ import socket
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from p2p.comm import Comm
 from p2p.config import Config, ConfigError, one_line
 from p2p.metrics import logged_epochs
-
-if TYPE_CHECKING:
-    from p2p.trainer import Node
+from p2p.node import Node
 
 log = logging.getLogger("p2p")
 KEEP = 2

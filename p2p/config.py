@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import re
@@ -16,10 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from p2p.topology import Topology
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -411,16 +407,12 @@ def to_toml(cfg: Config) -> str:
 HOST_FIELDS = ("data.root", "data.download", "data.workers")
 
 
-def config_lines(cfg: Config, topology: Topology) -> list[str]:
-    """`section.key = value` for every field all ranks must share, and the graph itself, for comparing ranks.
-
-    The graph line hashes the topology actually built, so two hosts whose files share a path but not the
-    content differ, and two files that spell the same graph differently do not.
-    """
+def config_lines(cfg: Config) -> list[str]:
+    """`section.key = value` for every field all ranks must share, for comparing ranks (with the graph's
+    `Topology.fingerprint()`)."""
     lines = []
     for section in dataclasses.fields(cfg):
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
             if f"{section.name}.{key}" not in HOST_FIELDS:
                 lines.append(f"{section.name}.{key} = {_toml_value(value)}")
-    digest = hashlib.sha256(topology.dumps().encode()).hexdigest()[:12]
-    return lines + [f"topology graph = {topology.n} nodes, {len(topology.edges)} edges, sha256 {digest}"]
+    return lines

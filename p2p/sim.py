@@ -41,7 +41,8 @@ from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loa
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.topology import Topology
-from p2p.trainer import Node, edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays, stop_if_nonfinite
+from p2p.node import Node
+from p2p.trainer import edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays, stop_if_nonfinite
 from p2p.transport import InMemory
 
 log = logging.getLogger("p2p")

@@ -9,6 +9,7 @@ symmetric, valid weights), so the algorithms can trust it. Node i is rank i. No 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -172,6 +173,12 @@ class Topology:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.dumps())
+
+    def fingerprint(self) -> str:
+        """One line naming the graph by a hash of `dumps()`, for comparing ranks: two hosts whose files share a
+        path but not the content differ, and two files that spell the same graph differently do not."""
+        digest = hashlib.sha256(self.dumps().encode()).hexdigest()[:12]
+        return f"topology graph = {self.n} nodes, {len(self.edges)} edges, sha256 {digest}"
 
     def summary(self, mixing: str) -> str:
         """One log line; for a time-varying graph the per-round degrees and the gap of one period's product of

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from p2p.config import AlgorithmConfig, Config, ConfigError, TrainConfig, config
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.models import build_model
 from p2p.metrics import Metrics
+from p2p.node import Node
 from p2p.topology import Topology, build_topology
 from p2p.transport import NetworkStop, Transport
 
@@ -101,19 +101,6 @@ def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float],
              "%.1fs", epoch, epochs, row["train_loss"], float(np.mean(accs)), min(accs), max(accs),
              row["avg_test_acc"], row["consensus_dist"], elapsed)
     bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
-
-
-@dataclass
-class Node:
-    """Everything one node trains with; built after validation, before the first step."""
-
-    model: nn.Module
-    flat: FlatParams
-    algorithm: Algorithm
-    transport: Transport
-    loader: DataLoader
-    val_loader: DataLoader
-    test_loader: DataLoader
 
 
 def evaluate_node(node: Node, device: torch.device) -> dict[str, float]:
@@ -232,7 +219,7 @@ def run(cfg: Config) -> None:
     comm.start()  # the first wait for other ranks: everything above fails alone, on every rank
     try:
         # the same config on every rank, then continue the run or start one: decided together, before any write
-        comm.check_same(config_lines(cfg, topology))
+        comm.check_same(config_lines(cfg) + [topology.fingerprint()])
         ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs,
                                        checkpoint.fixed_fields(cfg, env.world_size), cfg.train.keep_checkpoints)
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
