@@ -5,13 +5,17 @@
 Every config field can be overridden as --section.field value; --help lists them with their defaults.
 """
 
-import sys
+import time
 
-import torch
+STARTED = time.perf_counter()  # before the imports, whose seconds the start-up log line counts
 
-from p2p.comm import PeerFailure
-from p2p.config import Config, ConfigError, load_config, one_line, to_toml
-from p2p.trainer import NonFiniteLoss, run
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+from p2p.comm import PeerFailure  # noqa: E402
+from p2p.config import Config, ConfigError, load_config, one_line, to_toml  # noqa: E402
+from p2p.trainer import NonFiniteLoss, run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +30,7 @@ def main(argv: list[str]) -> int:
 
             sim.run(cfg)
         else:
-            run(cfg)
+            run(cfg, STARTED)
     except ConfigError as e:  # a user mistake: nothing was started or written
         sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a log file do not run lines together
         return 2

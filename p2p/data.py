@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import gzip
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from p2p.config import ConfigError, DataConfig, one_line
@@ -87,14 +86,38 @@ def _unpack_system_fashion_mnist(root: Path) -> None:
         os.replace(tmp, raw / name)
 
 
-def _digits() -> tuple[Dataset, np.ndarray, Dataset]:
-    """scikit-learn's 8x8 digits; it has no test set, so a fixed stratified 20% is held out (seed 0)."""
+def _digits(root: Path) -> tuple[Dataset, np.ndarray, Dataset]:
+    """scikit-learn's 8x8 digits; it has no test set, so a fixed stratified 20% is held out (seed 0).
+
+    Importing scikit-learn costs ~0.8 s per process (every torchrun rank): the first run writes the split to
+    <root>/digits.pt and later runs read only that (tests/test_data.py checks it equals scikit-learn's).
+    """
+    cache = root / "digits.pt"
+    try:
+        saved = torch.load(cache, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # none yet, or unreadable: rebuilt
+        saved = _digits_from_sklearn()
+        try:  # atomic: ranks starting together may all write it
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".digits.{os.getpid()}.tmp"
+            torch.save(saved, tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only root: every run reads scikit-learn's copy
+    x, y, train, test = saved["x"], saved["y"], saved["train"], saved["test"]
+    return TensorDataset(x[train], y[train]), y[train].numpy(), TensorDataset(x[test], y[test])
+
+
+def _digits_from_sklearn() -> dict[str, torch.Tensor]:
+    """The digits as tensors, with the sorted train/test indices of the stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
     y = torch.tensor(digits.target, dtype=torch.long)
     train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
-    train, test = np.sort(train), np.sort(test)
-    return TensorDataset(x[train], y[train]), digits.target[train], TensorDataset(x[test], y[test])
+    return {"x": x, "y": y, "train": torch.from_numpy(np.sort(train)), "test": torch.from_numpy(np.sort(test))}
 
 
 def _mnist_like(cfg: DataConfig) -> tuple[Dataset, np.ndarray, Dataset]:
@@ -135,7 +158,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     Both parts keep the dataset's original order (indices sorted).
     """
     if cfg.name == "digits":
-        full, labels, test = _digits()
+        full, labels, test = _digits(Path(cfg.root))
         full_val = full
     elif cfg.name in _MNIST_LIKE:
         full, labels, test = _mnist_like(cfg)

@@ -202,8 +202,28 @@ def _setup_logging(cfg: Config, env: Env) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s [node{env.rank}] %(message)s", datefmt="%H:%M:%S")
 
 
-def run(cfg: Config) -> None:
-    """Train one node until the configured epochs are done. Validates everything before any rank waits."""
+class StartUp:
+    """Where a process's seconds go before its first step, for one log line (benchmarks/startup.py reads it)."""
+
+    def __init__(self, started: float):
+        self.started = self.last = started  # time.perf_counter() when the process began (train.py's first line)
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        parts = " | ".join(f"{k} {v:.2f}" for k, v in self.phases.items())
+        return f"start-up (s): {parts} | first step done {self.last - self.started:.2f} after the process began"
+
+
+def run(cfg: Config, started: float | None = None) -> None:
+    """Train one node until the configured epochs are done. Validates everything before any rank waits.
+    `started`: time.perf_counter() at the process's start, for the start-up log line."""
+    startup = StartUp(started if started is not None else time.perf_counter())
+    startup.mark("imports")
     env = read_env()
     _setup_logging(cfg, env)
     check_restarts()
@@ -211,12 +231,15 @@ def run(cfg: Config) -> None:
     topology, interval_warning = network(cfg, env.world_size)
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, env.world_size, cfg.data)
+    startup.mark("data")
     comm = Comm(env, device, backend, cfg.comm)
     torch.manual_seed(cfg.run.seed + env.rank)  # dropout etc.; the model has its own seed
     node = build_node(cfg, comm, topology, splits, shards[env.rank])  # an algorithm may still reject the config
     out_dir = cfg.out_dir
+    startup.mark("model")
 
     comm.start()  # the first wait for other ranks: everything above fails alone, on every rank
+    startup.mark("join")
     try:
         # the same config on every rank, then continue the run or start one: decided together, before any write
         comm.check_same(config_lines(cfg) + [topology.fingerprint()])
@@ -232,7 +255,8 @@ def run(cfg: Config) -> None:
         hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
         for rank, h in enumerate(hist):
             log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
-        train_loop(cfg, env, comm, node, ckpt, progress)
+        startup.mark("run dir")
+        train_loop(cfg, env, comm, node, ckpt, progress, startup)
         comm.barrier()
         if env.is_main and cfg.log.plots and cfg.log.csv:
             plots.plot_run(out_dir)
@@ -241,8 +265,9 @@ def run(cfg: Config) -> None:
 
 
 def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.Checkpointer,
-               progress: dict | None) -> None:
-    """Train from the start, or from `progress` ({"epoch", "step", "wall_s", "transport"}) of a resumed checkpoint."""
+               progress: dict | None, startup: StartUp | None = None) -> None:
+    """Train from the start, or from `progress` ({"epoch", "step", "wall_s", "transport"}) of a resumed checkpoint.
+    With `startup`, log where the seconds before the first step went, once it is done."""
     tcfg, acfg = cfg.train, cfg.algorithm
     start_epoch, step = (progress["epoch"], progress["step"]) if progress else (0, 0)
     if progress:  # received messages not applied yet (overlap, async): where the pipeline stood
@@ -279,6 +304,10 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                     n_seen += len(y)
                     step += 1
                     bar.update()
+                    if startup is not None:
+                        startup.mark("first step")  # its optimizer's first call imports torch._dynamo
+                        log.info(startup.line())
+                        startup = None
                 # nothing in flight where a checkpoint is written (it holds only applied-or-ready messages);
                 # async waits for its neighbours' exchanges only there, everyone else at every epoch end
                 if meets or last or ckpt.due(epoch):

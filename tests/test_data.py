@@ -1,5 +1,9 @@
 """Partitions, splits and loaders, in-process."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +98,25 @@ def test_digits_splits():
     s3 = load_splits(DataConfig(name="digits", data_seed=2))
     assert torch.equal(s.test.tensors[0], s3.test.tensors[0])
     assert s.val.indices != s3.val.indices
+
+
+@pytest.mark.timeout(120)
+def test_digits_cache_is_scikit_learns_split_and_spares_its_import(tmp_path):
+    """The first load writes <root>/digits.pt from scikit-learn; a later process reads only it (no sklearn import,
+    ~0.8 s per rank) and gets exactly the same data; a corrupt cache is rebuilt."""
+    first = load_splits(DataConfig(name="digits", root=str(tmp_path)))
+    assert (tmp_path / "digits.pt").is_file()
+    code = ("import sys; from p2p.config import DataConfig; from p2p.data import load_splits; "
+            f"s = load_splits(DataConfig(name='digits', root={str(tmp_path)!r})); "
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'; "
+            "import torch; torch.save((s.train.dataset.tensors, s.test.tensors), sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], check=True, cwd=Path(__file__).parents[1])
+    (train_x, train_y), (test_x, test_y) = torch.load(tmp_path / "out.pt")
+    assert torch.equal(train_x, first.train.dataset.tensors[0]) and torch.equal(test_y, first.test.tensors[1])
+    assert torch.equal(test_x, first.test.tensors[0]) and torch.equal(train_y, first.train.dataset.tensors[1])
+    (tmp_path / "digits.pt").write_bytes(b"not a checkpoint")
+    again = load_splits(DataConfig(name="digits", root=str(tmp_path)))
+    assert torch.equal(again.test.tensors[0], first.test.tensors[0])
 
 
 def test_node_loader():
