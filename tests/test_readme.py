@@ -123,6 +123,11 @@ def test_documented_command_parses(case, monkeypatch, tmp_path):
                 i += 2
             combos = sweep.plan(config, sweep.parse_grid(grid), overrides, tmp_path)
             assert len(combos) >= 2
+            nodes = int(_option(words, "--nproc") or 4)
+            for name, _, cfg in combos:  # as many nodes as the topology file has
+                if cfg.topology.path:
+                    n = load_topology(cfg.topology.path).n
+                    assert n == (cfg.sim.nodes or nodes), f"{name}: {cfg.topology.path} has {n} nodes"
         return
     script = words[1]
     assert (ROOT / script).is_file(), f"{script} does not exist"
