@@ -20,7 +20,7 @@ from p2p.trainer import NonFiniteLoss, run  # noqa: E402
 
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
-        print(__doc__.strip(), "\nThe fields and their defaults (README: Configuration reference):\n", sep="\n")
+        print(__doc__.strip(), "\nThe fields and their defaults (docs/configuration.md):\n", sep="\n")
         print(to_toml(Config()))
         return 0
     try:

@@ -1,4 +1,4 @@
-"""Run every algorithm on the same non-IID problem and print the README's comparison table.
+"""Run every algorithm on the same non-IID problem and print the comparison table of docs/algorithms.md.
 
     python benchmarks/compare_algorithms.py                      # 9 algorithms x 2 partitions
     python benchmarks/compare_algorithms.py --algorithms dsgd pdmm --partitions dirichlet

@@ -35,7 +35,7 @@ def _wall(cmd: list[str], env: dict) -> float:
 
 
 def compare(out: Path, algorithm: str) -> None:
-    """Wall time of one row of the README's comparison, launch included: 8 torchrun processes vs one simulation."""
+    """Wall time of one row of docs/algorithms.md's comparison, launch included: 8 torchrun processes vs one simulation."""
     args = ["--config", "configs/compare_digits.toml", "--algorithm.name", algorithm, *QUIET]
     real = _wall([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", "train.py",
                   *args, "--run.dir", str(out / "real")], {**os.environ, "OMP_NUM_THREADS": "1"})

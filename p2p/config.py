@@ -68,7 +68,8 @@ class ModelConfig:
 @dataclass
 class TopologyConfig:
     path: str = ""  # topology file (JSON, ours or the seed's node_list.json); overrides `name` (not a CLI name)
-    name: str = "ring"  # generator: ring | torus | complete | star | exponential | random_regular
+    # generator: ring | torus | complete | star | exponential | random_regular | one_peer_hypercube | exponential_schedule
+    name: str = "ring"
     n: int = 0  # node count for the generator; 0 = the world size
     degree: int = 3  # random_regular: degree of every node
     seed: int = 0  # random_regular: graph seed
@@ -119,7 +120,7 @@ class TrainConfig:
 class CommConfig:
     backend: str = "auto"  # auto | nccl | gloo (auto: nccl when every rank has its own GPU)
     timeout_s: float = 300.0  # every collective and exchange fails after this many seconds
-    mode: str = "sync"  # sync | overlap | async: when exchanges travel and apply (README, "Exchange modes")
+    mode: str = "sync"  # sync | overlap | async: when exchanges travel and apply (docs/exchange-modes.md)
     max_staleness: int = 2  # async: a node waits when an edge's completed exchanges lag more rounds than this
 
 
@@ -302,7 +303,7 @@ def load_config(argv: list[str]) -> Config:
     return cfg
 
 
-# Rules that only run in comm.mode sync, and why (README, "Exchange modes"; tests/test_exchange_modes.py).
+# Rules that only run in comm.mode sync, and why (docs/exchange-modes.md; tests/test_exchange_modes.py).
 SYNC_ONLY = {
     "allreduce": "allreduce is a blocking all-reduce every step; use --comm.mode sync",
     "choco": "choco's copies x_hat_j must stay identical at both ends, and a stale or skipped message "

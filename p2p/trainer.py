@@ -142,7 +142,7 @@ def build_node(cfg: Config, comm: Comm, topology: Topology, splits, shard: np.nd
 def edge_slots(cfg: Config, topology: Topology, algorithm: Algorithm) -> tuple[dict[int, int] | None, str]:
     """{neighbour j: the step of a round at which edge (i, j) exchanges}: the slot of its lower-ranked end in
     the seed's node_list.json, so both ends agree. Only in async with K = the file's round (what the slots
-    were made for); otherwise None and why, for a log line (README, "Exchange modes")."""
+    were made for); otherwise None and why, for a log line (docs/exchange-modes.md)."""
     if topology.slots is None or topology.round is None:
         return None, ""
     K, mode, where = cfg.algorithm.interval, cfg.comm.mode, f"the per-edge slots of topology {topology.source}"
@@ -164,7 +164,7 @@ def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
 
     ISVR's penalty is built for K > 1 local steps per round (at K = 1 it is c_ij = 1/γ, coupling so
     strong that it divides the network's step by 1 + d; see PrimalDual): on the digits CNN, K = 4
-    learns as well as K = 8 and better than K = 1 (README, "Defaults").
+    learns as well as K = 8 and better than K = 1 (docs/algorithms.md, "Defaults").
 
     Algorithms read cfg.interval, so this runs before they are built and before config.toml is
     written, which then records the K used. An explicit K wins over the file's round; the returned
@@ -279,7 +279,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter() - (progress["wall_s"] if progress else 0.0)  # wall_s continues across restarts
-    # async meets nobody during training: no collective before the last epoch's end (README, "Exchange modes");
+    # async meets nobody during training: no collective before the last epoch's end (docs/exchange-modes.md);
     # a stop travels in the messages, the network's metrics wait for the end (or python -m p2p.evaluate)
     meets = cfg.comm.mode != "async"
     try:  # close the writers and the bar however the loop ends, so TensorBoard keeps every point
