@@ -113,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints each node keeps (>= 2); 0 = all (python -m p2p.evaluate reads them)
     sleep_factor: float = 0.0  # straggler simulation: sleep epoch_time * (0.5 + 0.5 * factor * U[0,1))
     step_delay: float = 0.0  # straggler simulation: mean (s) of an exponential sleep per step; 0 = off
+    step_delay_dist: str = "exponential"  # exponential (jitter) | constant (a node permanently slower)
     slow_ranks: list[int] = field(default_factory=list)  # ranks that sleep or delay; empty = all
 
 
@@ -176,6 +177,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.schedule": ("cyclic", "random"),
     "algorithm.compressor": ("none", "topk", "randk", "qsgd8"),
     "train.scheduler": ("none", "step"),
+    "train.step_delay_dist": ("exponential", "constant"),
     "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
     "log.level": ("debug", "info", "warning"),

@@ -79,6 +79,8 @@ def step_delays(cfg: Config, rank: int, epoch: int) -> Iterator[float] | None:
     t = cfg.train
     if t.step_delay <= 0 or (t.slow_ranks and rank not in t.slow_ranks):
         return None
+    if t.step_delay_dist == "constant":
+        return iter(lambda: t.step_delay, None)
     rng = np.random.default_rng((cfg.run.seed, rank, epoch, 1))
     return iter(lambda: float(rng.exponential(t.step_delay)), None)
 
