@@ -116,7 +116,7 @@ def test_a_stop_spreads_through_the_exchange_within_bounded_rounds():
 def test_a_nan_in_async_stops_every_node_with_one_line(tmp_path):
     started = time.monotonic()
     done = launch([*TORCHRUN, "--standalone", "--nproc_per_node", str(N), *QUICK, "--comm.mode", "async",
-                   "--algorithm.lr", "1e6", "--train.epochs", "5", "--comm.timeout_s", "120",
+                   "--algorithm.lr", "1e20", "--train.epochs", "5", "--comm.timeout_s", "120",
                    "--run.dir", str(tmp_path / "nan")], timeout=180)
     took = time.monotonic() - started
     assert done.returncode != 0
