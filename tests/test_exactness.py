@@ -25,7 +25,6 @@ from torch import nn
 
 from distributed import run_ranks
 from p2p.algorithms import FlatParams, build_algorithm
-from p2p.algorithms.cadmm import ETA_SCALE
 from p2p.config import AlgorithmConfig, ConfigError
 from p2p.topology import Topology
 
@@ -201,8 +200,7 @@ def _replay(fields: dict, topology: Topology) -> torch.Tensor:
     if name.endswith("_isvr"):
         c = lambda i, j: piw / (lr * (K * d(i, j) + K - piw * d(i, j)))  # noqa: E731  η_ij
     else:
-        scale = ETA_SCALE if name == "cadmm" else 1.0  # cadmm takes a quarter of pdmm's penalty
-        c = lambda i, j: scale * cfg.eta / lr * v / d(i, j)  # noqa: E731  (η/γ) v_p / max(d_i, d_j)
+        c = lambda i, j: cfg.eta / lr * v / d(i, j)  # noqa: E731  (η/γ) v_p / max(d_i, d_j)
     c_g = [1 - lr * sum(c(i, j) for j in N_[i]) * (K / piw - 1) if cfg.use_gcoef else 1.0 for i in range(n)]
     z = {(i, j): A(i, j) * W[i] if cfg.dual_init == "consensus" else torch.zeros_like(W[0])
          for i in range(n) for j in N_[i]}  # z_{i|j}

@@ -6,8 +6,6 @@ import torch
 from p2p.algorithms.base import Algorithm, MomentumDirection
 from p2p.config import ConfigError
 
-ETA_SCALE = 0.25  # cadmm's γ c_ij is ETA_SCALE × pdmm's: the same speed of the network average (class docstring)
-
 
 class CADMM(Algorithm):
     """One dual α_i per node (initially 0) and one message per node, like dsgd. Every step, with d_i
@@ -19,19 +17,17 @@ class CADMM(Algorithm):
 
         α_i ← α_i + Σ_j c_ij (w_i − w_j)
 
-    with the symmetric penalty c_ij = (η/(4γ_t)) v_p / max(d_i, d_j), a quarter of pdmm's. Σ_i α_i stays 0,
-    so at a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
+    with the symmetric penalty of pdmm, c_ij = (η/γ_t) v_p / max(d_i, d_j). Σ_i α_i stays 0, so at
+    a fixed point Σ_i ∇f_i = 0. Between exchanges w_j is the last received copy (initially the
     common starting weights).
 
-    Decision (the spec uses pdmm's c_ij unchanged): the quarter, ETA_SCALE. Near consensus (w_j ≈ w_i)
-    the step reads w_i ← w_i − γ (d_i + α_i) / (1 + 2 Σ_j γ c_ij) with Σ_i α_i = 0, so the network average
-    moves at γ / (1 + 2 Σ_j γ c_ij); pdmm's moves at γ / (1 + Σ_j γ c_ij / 2). With the quarter both move
-    at the same rate for the same η. Measured (docs/fmnist_regressions.md), with pdmm's full c_ij: in the
-    full-batch convex check cadmm ended at the loss of allreduce run with the step γ / 1.8, to five digits
-    (0.72903), and on Fashion-MNIST logistic regression (√fan_in = 28: its average at 0.26 γ) it was the
-    slowest exact rule (0.813; pdmm 0.821). With the quarter: 0.72846, pdmm's own loss, and 0.823; on the
-    digits CNN 0.922 / 0.948 / 0.963 node accuracy (compare_digits classes, dirichlet; quickstart) against
-    0.925 / 0.918 / 0.947.
+    Its pace (measured, docs/fmnist_regressions.md): near consensus (w_j ≈ w_i) the step reads
+    w_i ← w_i − γ (d_i + α_i) / (1 + 2 Σ_j γ c_ij) with Σ_i α_i = 0, so the network average moves at
+    γ / (1 + 2 Σ_j γ c_ij), where pdmm's moves at γ / (1 + Σ_j γ c_ij / 2): on the full-batch convex check
+    cadmm ends where allreduce with the step γ / 1.8 ends, to five digits, and converges with more steps.
+    `--algorithm.eta` at a quarter of pdmm's gives pdmm's pace and wins on step-limited problems (convex,
+    Fashion-MNIST logistic regression), but loses on the strongly non-IID Fashion-MNIST MLP (0.835 vs 0.859),
+    so the default penalty stays pdmm's.
 
     `sync` mode only: with one round of staleness (own w_i current, neighbours' w_j old) it diverged
     on a ring in the spec's reference simulation, so `overlap` and `async` are configuration errors.
@@ -55,7 +51,7 @@ class CADMM(Algorithm):
         w, top = self.flat.w, self.topology
         v = self.flat.fan_in() if self.cfg.penalty_scale == "fan_in" else 1.0
         d_i = top.degree(self.rank) if top.n > 1 else 0
-        k = {j: ETA_SCALE * self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
+        k = {j: self.cfg.eta * v / max(d_i, top.degree(j)) for j in self.neighbors}  # γ_t c_ij
         self.k = {j: torch.as_tensor(k[j], dtype=w.dtype, device=w.device) for j in self.neighbors}
         self.k_sum = sum(self.k.values())
         self.direction = MomentumDirection(self.cfg, w)  # d_i from g_i
