@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm"]
 
 
-def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extra: list[str], simulate: bool) -> float:
+def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extra: list[str],
+        simulate: bool) -> tuple[float, str | None]:
+    """(launch seconds, None), or (seconds, the run's last error line) when it failed."""
     launcher = (["train.py", "--sim.nodes", str(nproc)] if simulate else
                 ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py"])
     cmd = [sys.executable, *launcher, "--config", config, "--algorithm.name", algorithm,
@@ -35,9 +37,10 @@ def run(config: str, algorithm: str, partition: str, nproc: int, out: Path, extr
     start = time.perf_counter()
     env = os.environ if simulate else {**os.environ, "OMP_NUM_THREADS": "1"}  # one process may use every core
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{algorithm}/{partition} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    if done.returncode != 0:  # a row that says why, and the table goes on
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return time.perf_counter() - start, (lines[-1] if lines else f"exit status {done.returncode}")[:300]
+    return time.perf_counter() - start, None
 
 
 def final_rows(out: Path) -> list[dict]:
@@ -76,7 +79,11 @@ def main() -> None:
         for algorithm in args.algorithms:
             out = args.out / f"{algorithm}_{partition}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run per row
-            launch_s = run(args.config, algorithm, partition, args.nproc, out, args.extra, args.sim)
+            launch_s, error = run(args.config, algorithm, partition, args.nproc, out, args.extra, args.sim)
+            if error:
+                print(f"| {partition} | {algorithm} | - | failed: {error.replace('|', '/')} | | | | | {launch_s:.0f} |",
+                      flush=True)
+                continue
             s = summarize(out)
             print(f"| {partition} | {algorithm} | {s['K']} | {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}] | "
                   f"{s['avg_model']:.3f} | {s['consensus']:.2e} | {s['mb_sent']:.1f} | {s['train_s']:.0f} "

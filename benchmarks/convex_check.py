@@ -1,7 +1,8 @@
 """The convex check through the real trainer: every rule on configs/convex_digits.toml (full batch,
 non-IID logistic regression, momentum 0.9), its final training loss against allreduce's.
 
-    python benchmarks/convex_check.py
+    python benchmarks/convex_check.py          # 4 torchrun processes per rule
+    python benchmarks/convex_check.py --sim    # the same nodes simulated in one process
 
 The objective is the one allreduce minimises, F(w) = (1/n) Σ_i f_i(w) with f_i(w) = mean CE over
 node i's shard + (l2_lambda/2)||w||². It is evaluated here, after each run, from the final
@@ -57,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "convex")
+    parser.add_argument("--sim", action="store_true", help="simulate the 4 nodes in one process (--sim.nodes 4)")
     parser.add_argument("extra", nargs="*", help="config overrides passed to every run, after --")
     args = parser.parse_args()
     print("| algorithm | F(w̄) | F(w̄) / allreduce's | max_i F(w_i) / allreduce's | consensus dist | averaged-model test acc |")
@@ -65,9 +67,10 @@ def main() -> None:
     for algorithm in args.algorithms:
         out = args.out / algorithm
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "train.py",
-               "--config", "configs/convex_digits.toml", "--algorithm.name", algorithm, "--run.dir", str(out),
-               *args.extra]
+        launcher = (["train.py", "--sim.nodes", "4"] if args.sim else
+                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "train.py"])
+        cmd = [sys.executable, *launcher, "--config", "configs/convex_digits.toml", "--algorithm.name", algorithm,
+               "--run.dir", str(out), *args.extra]
         done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                               text=True)
         if done.returncode != 0:
