@@ -292,15 +292,16 @@ def test_overlap_is_deterministic(overlap_reference, tmp_path):
     assert all(int(row["exchanges"]) == 2 * 100 for node in first for row in node)  # 2 edges x 100 rounds per epoch
 
 
-def _kill_mid_epoch_2(args: list[str], run, log) -> int:
-    """torchrun with one restart allowed; rank 1 is SIGKILLed in the middle of epoch 2. Returns the exit code."""
+def _kill_mid_epoch_2(args: list[str], run, log, saved: int = 1) -> int:
+    """torchrun with one restart allowed; rank 1 is SIGKILLed in the middle of epoch saved + 1 (2), once every node
+    has checkpointed epoch `saved`. Returns the exit code."""
     agent = start([*TORCHRUN, "--standalone", "--nproc_per_node", "4", "--max-restarts", "1", *QUICK,
                    "--run.dir", str(run), *args], log)
     try:
-        wait_for(lambda: all((run / "ckpt" / f"node{r}_epoch1.pt").exists() for r in range(4)), [agent], 300,
-                 "epoch 1 checkpoints")
+        wait_for(lambda: all((run / "ckpt" / f"node{r}_epoch{saved}.pt").exists() for r in range(4)), [agent], 300,
+                 f"epoch {saved} checkpoints")
         time.sleep(min(float(rows(run, 0)[0]["wall_s"]) / 2, 2.0))
-        assert all(2 not in epochs(run, r) for r in range(4)), "epoch 2 ended before the kill: lengthen the epochs"
+        assert all(saved + 1 not in epochs(run, r) for r in range(4)), "the epoch ended before the kill: lengthen it"
         os.kill(worker_pids(agent)[1], signal.SIGKILL)
         return agent.wait(timeout=300)
     finally:
@@ -330,6 +331,22 @@ def test_async_killed_and_resumed_finishes(tmp_path):
             assert int(row["exchanges"]) == 2 * 100 and 1 <= float(row["staleness_max"]) <= 2, row
         # it trains (one node's accuracy after epoch 1 varies with the async interleaving: 0.46-0.73 seen)
         assert float(rows(run, r)[-1]["test_acc"]) > 0.8
+
+
+@pytest.mark.timeout(500)
+def test_async_between_checkpoints_resumes_with_every_exchange_once(tmp_path):
+    """async drains (waits for its neighbours' exchanges) only at checkpoint epochs: with checkpoint_every 2 an
+    exchange of epoch 1 may complete in epoch 2, yet the run killed in epoch 3 resumes from epoch 2 and every
+    node completes exactly 2 edges x 100 rounds x 4 epochs, equal to its neighbours'."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    args = ["--comm.mode", "async", "--algorithm.name", "pdmm", "--train.epochs", "4", "--train.checkpoint_every", "2",
+            "--train.step_delay", "0.002", "--train.slow_ranks", "2"]
+    assert _kill_mid_epoch_2(args, run, log, saved=2) == 0, log.read_text()[-3000:]
+    assert "resumed from epoch 2" in log.read_text()
+    for r in range(4):
+        assert epochs(run, r) == [1, 2, 3, 4]
+        assert sum(int(row["exchanges"]) for row in rows(run, r)) == 2 * 100 * 4
+        assert float(rows(run, r)[-1]["avg_test_acc"]) > 0.8
 
 
 @pytest.mark.timeout(300)
