@@ -142,7 +142,7 @@ def figure(rows: list[dict], path: Path) -> None:
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for rule in RULES:
+        for i, rule in enumerate(RULES):
             xs, ys, es = [], [], []
             for x, alpha in enumerate(ALPHAS):
                 accs = [float(r["node_acc"]) for r in rows if (r["dataset"], r["rule"], r["alpha"], r["drop"]) ==
@@ -152,7 +152,7 @@ def figure(rows: list[dict], path: Path) -> None:
                     ys.append(statistics.mean(accs))
                     es.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=rule,
+                ax.errorbar(xs, ys, yerr=es, marker="os^D"[i % 4], capsize=3, label=rule, color=plt.cm.tab20(i),
                             linestyle="--" if rule in ("allreduce", "dsgd_expo_tv") else "-")
         ax.set_xticks(range(len(ALPHAS)), ["α = 1", "α = 0.1", "α → 0\n(1 class/node)"])
         ax.set_title(f"{dataset}, 16 nodes: node-mean test accuracy")
