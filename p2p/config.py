@@ -139,6 +139,7 @@ class SimConfig:
     nodes: int = 0  # simulate this many nodes in one process (python train.py, no torchrun); 0 = off
     step_s: float = 0.01  # virtual seconds of one local step (plus train.step_delay draws): the clocks of async
     latency_s: float = 0.0  # virtual seconds for an exchange to complete once both ends posted it
+    drop_prob: float = 0.0  # lose each message (edge, direction, exchange) with this probability, seeded by run.seed
 
 
 @dataclass
@@ -317,6 +318,17 @@ SYNC_ONLY = {
           "use qgm or --comm.mode sync",
 }
 
+# Rules refused with --sim.drop_prob > 0, and why (docs/heterogeneity.md, "A missing message"). The others
+# apply what arrived: dsgd, qgm mix the peers that arrived; gossip skips its average; pdmm, admm (and ISVR)
+# keep the edge's old dual; cadmm keeps the old neighbour copy.
+DROP_REFUSED = {
+    "local": "local sends no messages",
+    "allreduce": "allreduce averages gradients, it sends no peer messages",
+    "choco": "choco's public copies x_hat_j must match at both ends, and a lost message desynchronises them",
+    "gt": "gt needs every peer's [x_j, y_j] each round: a lost one breaks sum_i y_i = sum_i g_i",
+    "ed": "ed needs every peer's phi_j each round: a lost one breaks sum_i (x_i - psi_i) = 0",
+}
+
 # Rules whose local step is a torch optimizer, so --algorithm.optimizer may replace SGD
 TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip")
 
@@ -381,6 +393,11 @@ def validate(cfg: Config) -> None:
         (cfg.sim.step_s >= 0 and finite(cfg.sim.step_s), "--sim.step_s must be >= 0 and finite (virtual seconds)"),
         (cfg.sim.latency_s >= 0 and finite(cfg.sim.latency_s),
          "--sim.latency_s must be >= 0 and finite (virtual seconds)"),
+        (0 <= cfg.sim.drop_prob < 1, "--sim.drop_prob must be in [0, 1)"),
+        (cfg.sim.drop_prob == 0 or cfg.sim.nodes > 0,
+         "--sim.drop_prob loses messages in the simulator only: add --sim.nodes N"),
+        (cfg.sim.drop_prob == 0 or a.name not in DROP_REFUSED,
+         f"--sim.drop_prob does not fit --algorithm.name {a.name}: {DROP_REFUSED.get(a.name)}"),
         (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
     ]
     for ok, message in checks:

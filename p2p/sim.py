@@ -118,7 +118,7 @@ class Simulation:
         flats = [FlatParams.row(list(self.like.values()), self.W[k], self.G[k]) for k in range(self.n)]
         self.rules = [build_algorithm(flats[k], cfg.algorithm, topology, self.comms[k]) for k in range(self.n)]
         self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval, cfg.comm.max_staleness,
-                                  cfg.sim.latency_s)
+                                  cfg.sim.latency_s, cfg.sim.drop_prob, cfg.run.seed)
         loaders = [node_loader(splits, shards[k], cfg.data, seed=cfg.run.seed + k, n_nodes=self.n)
                    for k in range(self.n)]
         val, test = eval_loader(splits.val, 1000), eval_loader(splits.test, 1000)

@@ -291,10 +291,17 @@ class InMemory:
     All nodes move in lockstep through the rounds (their gradients are computed together), which is
     exact because a node can only ever be handed messages of earlier rounds: what differs between nodes
     is only which of them has arrived, and that is decided by the clocks.
+
+    `drop_prob` (sim.drop_prob) loses each letter (per edge, direction and round) with that probability:
+    it is never delivered, so the receiver's rule gets the other messages only. The draws of round r come
+    from a generator seeded by (seed, r), so a run, and a resumed run, repeats them.
     """
 
-    def __init__(self, comms: list, mode: str, interval: int, max_staleness: int = 2, latency_s: float = 0.0):
+    def __init__(self, comms: list, mode: str, interval: int, max_staleness: int = 2, latency_s: float = 0.0,
+                 drop_prob: float = 0.0, seed: int = 0):
         self.comms, self.S, self.K, self.latency = comms, STALENESS.get(mode, max_staleness), interval, latency_s
+        self.drop_prob, self.seed = drop_prob, seed
+        self.letters = {"sent": 0, "dropped": 0}  # over the whole run, for tests and benchmarks
         self.round = 0  # rounds ended so far
         self.now = [0.0] * len(comms)  # each node's virtual clock (s)
         self.posted: list[dict[int, float]] = [{} for _ in comms]  # per node: {round: clock when it posted}
@@ -361,10 +368,15 @@ class InMemory:
             self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
             if msgs:
                 self.posted[k][r] = self.now[k]
+        rng = torch.Generator().manual_seed((self.seed << 32) + r) if self.drop_prob else None
         for k, msgs in enumerate(sent):
             for j, msg in msgs.items():
                 if k not in sent[j]:  # a real run would wait for it forever
                     raise RuntimeError(f"round {r}: node {k} sent to node {j}, which sent nothing back")
+                self.letters["sent"] += 1
+                if rng is not None and torch.rand((), generator=rng).item() < self.drop_prob:
+                    self.letters["dropped"] += 1
+                    continue  # lost: never delivered, never waited for
                 self.inbox[j].setdefault(k, deque()).append([r, msg, False])
 
     def _wait_for(self, until: int) -> None:
