@@ -42,7 +42,8 @@ from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.topology import Topology
 from p2p.node import Node
-from p2p.trainer import edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays, stop_if_nonfinite
+from p2p.trainer import (drains_at, edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays,
+                         stop_if_nonfinite)
 from p2p.transport import InMemory
 
 log = logging.getLogger("p2p")
@@ -343,7 +344,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 n_seen += size
                 step += 1
                 bar.update()
-            if cfg.comm.mode != "async" or epoch == tcfg.epochs or ckpts[0].due(epoch):
+            if drains_at(cfg, epoch, ckpts[0]):
                 sim.transport.drain()  # as a real node: every exchange complete where a checkpoint is written
             train_s = time.perf_counter() - t_epoch
             train_loss = (loss_sum.double() / steps_per_epoch).tolist()  # as a real node divides its .item()

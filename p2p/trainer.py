@@ -92,6 +92,13 @@ def stop_if_nonfinite(train_losses: list[float], epoch: int, ckpt_dir: Path) -> 
         raise NonFiniteLoss(nonfinite_message(f"node(s) {bad}", epoch, ckpt_dir))
 
 
+def drains_at(cfg: Config, epoch: int, ckpt: checkpoint.Checkpointer) -> bool:
+    """Whether a node completes all its posted exchanges at the end of `epoch`: where a checkpoint is written
+    (it must hold no message in flight) and after the last epoch; sync and overlap at every epoch end, where
+    they meet anyway. Real nodes and the simulator drain alike."""
+    return cfg.comm.mode != "async" or epoch == cfg.train.epochs or ckpt.due(epoch)
+
+
 def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
     return (f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr; the last good checkpoint "
             f"is kept in {ckpt_dir}")
@@ -310,9 +317,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                         startup.mark("first step")  # its optimizer's first call imports torch._dynamo
                         log.info(startup.line())
                         startup = None
-                # nothing in flight where a checkpoint is written (it holds only applied-or-ready messages);
-                # async waits for its neighbours' exchanges only there, everyone else at every epoch end
-                if meets or last or ckpt.due(epoch):
+                if drains_at(cfg, epoch, ckpt):  # async waits for its neighbours' exchanges only there
                     node.transport.drain()
             except NetworkStop as e:  # async: a node stopped the run; pass it on, then stop
                 node.transport.announce_stop(e.origin)
