@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 from p2p.comm import PeerFailure  # noqa: E402
 from p2p.config import Config, ConfigError, load_config, one_line, to_toml  # noqa: E402
-from p2p.trainer import NonFiniteLoss, run  # noqa: E402
+from p2p.loop import NonFiniteLoss  # noqa: E402
+from p2p.trainer import run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -54,7 +54,7 @@ def main() -> None:
     for name in args.algorithms:
         model = build_model(ModelConfig(name=args.model, hidden=args.hidden), tuple(args.shape), 10).to(device)
         flat = FlatParams(model)
-        algorithm = build_algorithm(flat, AlgorithmConfig(name=name, lr=0.01), topology, comm)
+        algorithm = build_algorithm(flat, AlgorithmConfig(name=name, lr=0.01), topology, comm.rank)
         # some rules run in sync mode only (config.SYNC_ONLY); their timing says nothing about the others
         transports = {m: Transport(comm, m) for m in args.modes if m == "sync" or name not in SYNC_ONLY}
 

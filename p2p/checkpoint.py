@@ -96,7 +96,7 @@ class Checkpointer:
         return self.every > 0 and (epoch % self.every == 0 or epoch == self.last)
 
     def maybe_save(self, node: Node, comm: Comm, progress: dict) -> None:
-        """Write `progress` ({"epoch", "step", "wall_s", "transport"}) and all state, if this epoch is due."""
+        """Write `progress` ({"epoch", "step", "wall_s"}) and all state, if this epoch is due."""
         epoch = progress["epoch"]
         if not self.due(epoch):
             return
@@ -104,7 +104,8 @@ class Checkpointer:
             "progress": progress,
             "fixed": self.fixed,
             "model": node.model.state_dict(),
-            "algorithm": node.algorithm.state_dict(),
+            "optimizer": node.optimizer.state_dict(),  # the rule's state and the messages not yet applied
+            "scheduler": node.scheduler.state_dict() if node.scheduler is not None else {},
             "bytes_sent": comm.bytes_sent,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -139,7 +140,7 @@ class Checkpointer:
     def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
         """Restore `node` and `comm` from this node's checkpoint of `epoch`, read by `readable`.
 
-        Returns its progress ({"epoch", "step", "wall_s", "transport"}); ConfigError when it belongs to another setting.
+        Returns its progress ({"epoch", "step", "wall_s"}); ConfigError when it belongs to another setting.
         """
         path, own_config = self._path(epoch), self.dir.parent / "config.toml"
         for key, now in self.fixed.items():
@@ -149,7 +150,9 @@ class Checkpointer:
                                   f"run cannot change it; resume with the run's own config, {own_config}")
         try:  # fails when written by another model or algorithm setting (e.g. --model.hidden)
             node.model.load_state_dict(state["model"])
-            node.algorithm.load_state_dict(state["algorithm"])
+            node.optimizer.load_state_dict(state["optimizer"])
+            if node.scheduler is not None:
+                node.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"checkpoint {path} does not fit this run ({one_line(e)}): resume with the run's own "
                               f"config, {own_config}") from None
@@ -250,7 +253,7 @@ def mark_started(out_dir: Path, facts: list[Facts], rank: int) -> None:
 def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointer) -> dict | None:
     """Continue the run in `out_dir` or start it, decided on every rank together, and mark it begun.
 
-    Returns the progress ({"epoch", "step", "wall_s", "transport"}) of the checkpoint it continues from, None when
+    Returns the progress ({"epoch", "step", "wall_s"}) of the checkpoint it continues from, None when
     it starts at epoch 0. Call right after joining the process group, before writing anything.
     """
     mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent_id())

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import math
+import os
 import re
+import sys
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | fashionmnist | cifar10
+    name: str = "digits"  # digits | mnist | fashionmnist | cifar10 | module:callable (your own, docs/library.md)
     root: str = "data"  # where torchvision datasets live (<root>/FashionMNIST/raw/...)
     download: bool = False  # let torchvision download a missing dataset
     partition: str = "iid"  # iid | dirichlet | classes
@@ -57,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "logistic"  # logistic | mlp | cnn | resnet50
+    name: str = "logistic"  # logistic | mlp | cnn | resnet50 | module:callable (your own, docs/library.md)
     hidden: int = 128  # mlp width
     group_channels: int = 32  # resnet50: channels per GroupNorm group (groups = ceil(C / group_channels))
     drop_rate: float = 0.0  # resnet50: Dropout2d after the stem and layers 1-3
@@ -79,7 +83,7 @@ class TopologyConfig:
 class AlgorithmConfig:
     # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco | gt | ed | qgm
     name: str = "dsgd"
-    optimizer: str = "sgd"  # sgd | adam | adamw (local, allreduce, dsgd, gossip; the others: sgd)
+    optimizer: str = "sgd"  # sgd | adam | adamw (local, allreduce, dsgd, gossip, choco; the others: sgd)
     lr: float = 0.05  # learning rate (gamma)
     momentum: float = 0.0  # SGD momentum β, for every rule (primal-dual and cadmm: torch SGD's direction)
     dampening: float = 0.0  # SGD dampening
@@ -183,6 +187,36 @@ CHOICES: dict[str, tuple] = {
     "comm.backend": ("auto", "nccl", "gloo"),
     "log.level": ("debug", "info", "warning"),
 }
+
+
+# Fields that also take the user's own `module:callable` (the convention of torchrun's entry points and uvicorn)
+PLUGGABLE = ("model.name", "data.name")
+
+
+def import_callable(spec: str, flag: str) -> Callable:
+    """The user's `module:callable` (`--model.name my_pkg.nets:build`), or one line saying why it is not there.
+
+    The current directory is importable, as under `python -m`, so a package next to where the run is launched is
+    found without PYTHONPATH. Errors raised while the user's module runs are theirs and keep their traceback.
+    """
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"--{flag} {spec}: no module named {e.name!r} (launch from the directory that holds "
+                              f"it, or add that directory to PYTHONPATH)") from None
+        raise
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"--{flag} {spec}: module {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"--{flag} {spec}: {attr} is a {type(obj).__name__}, not a callable")
+    return obj
 
 
 CLI = "the command line"
@@ -330,7 +364,7 @@ DROP_REFUSED = {
 }
 
 # Rules whose local step is a torch optimizer, so --algorithm.optimizer may replace SGD
-TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip")
+TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip", "choco")
 
 
 def validate(cfg: Config) -> None:
@@ -338,6 +372,10 @@ def validate(cfg: Config) -> None:
     for flag, options in CHOICES.items():
         section, key = flag.split(".")
         value = getattr(getattr(cfg, section), key)
+        if flag in PLUGGABLE and ":" in str(value):  # the user's own module:callable, imported when it is built
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+                raise ConfigError(f"--{flag} {value!r}: an import path is module:callable, e.g. my_pkg.nets:build")
+            continue
         if value not in options:
             shown = ", ".join(str(o) for o in options)
             hint = _suggest(value, [str(o) for o in options]) if isinstance(value, str) else ""

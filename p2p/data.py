@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
-from p2p.config import ConfigError, DataConfig, one_line
+from p2p.config import ConfigError, DataConfig, import_callable, one_line
 
 # Debian's `dataset-fashion-mnist` package installs the four idx .gz files here (`dpkg -L` shows it).
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -151,13 +151,45 @@ def _cifar10(cfg: DataConfig) -> tuple[Dataset, Dataset, np.ndarray, Dataset]:
     return train, val, np.asarray(train.targets), test
 
 
+def _user_data(cfg: DataConfig) -> tuple[Dataset, np.ndarray, Dataset]:
+    """The user's `--data.name module:callable`: `load(cfg: DataConfig) -> (train, test)`, two map-style datasets
+    of (input tensor, class index) pairs. The training labels come from `train.targets` (torchvision's
+    convention), a TensorDataset's last tensor, or else one pass over the samples."""
+    spec = cfg.name
+    out = import_callable(spec, "data.name")(cfg)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out)):
+        raise ConfigError(f"--data.name {spec} must return (train, test), two torch Datasets; got {type(out).__name__}")
+    train, test = out
+    for name, ds in (("train", train), ("test", test)):
+        if len(ds) == 0:
+            raise ConfigError(f"--data.name {spec}: the {name} set is empty")
+        sample = ds[0]
+        if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)):
+            raise ConfigError(f"--data.name {spec}: a {name} sample must be an (input tensor, class index) pair; got "
+                              f"{type(sample).__name__}")
+    if hasattr(train, "targets"):
+        labels = np.asarray(train.targets)
+    elif isinstance(train, TensorDataset):
+        labels = train.tensors[-1].numpy()
+    else:
+        labels = np.asarray([int(train[i][1]) for i in range(len(train))])
+    if labels.shape != (len(train),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ConfigError(f"--data.name {spec}: the training labels must be class indices, one int >= 0 per sample "
+                          f"(the iid, dirichlet and classes partitions and the accuracy need them); got shape "
+                          f"{labels.shape} of {labels.dtype}")
+    return train, labels.astype(np.int64), test
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Load the dataset and hold out `val_fraction` of its training set before any partitioning.
 
     The held-out indices come from `default_rng(data_seed)`, so every node gets the same split.
     Both parts keep the dataset's original order (indices sorted).
     """
-    if cfg.name == "digits":
+    if ":" in cfg.name:
+        full, labels, test = _user_data(cfg)
+        full_val = full
+    elif cfg.name == "digits":
         full, labels, test = _digits(Path(cfg.root))
         full_val = full
     elif cfg.name in _MNIST_LIKE:
@@ -166,7 +198,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     elif cfg.name == "cifar10":
         full, full_val, labels, test = _cifar10(cfg)
     else:
-        raise ConfigError(f"--data.name: unknown dataset {cfg.name!r}; choose digits, mnist, fashionmnist or cifar10")
+        raise ConfigError(f"--data.name: unknown dataset {cfg.name!r}; choose digits, mnist, fashionmnist, cifar10 or "
+                          f"module:callable")
 
     perm = np.random.default_rng(cfg.data_seed).permutation(len(labels))
     n_val = int(round(cfg.val_fraction * len(labels)))

@@ -22,7 +22,7 @@ from p2p.algorithms import FlatParams
 from p2p.config import ConfigError, load_config
 from p2p.data import eval_loader, load_splits
 from p2p.models import build_model
-from p2p.trainer import evaluate
+from p2p.loop import evaluate
 
 COLUMNS = ["epoch", "consensus_dist", "avg_test_loss", "avg_test_acc"]
 

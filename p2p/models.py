@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from p2p.config import ConfigError, ModelConfig
+from p2p.config import ConfigError, ModelConfig, import_callable
 
 _RESNET_WIDTHS = (64, 128, 256, 512, 1024, 2048)  # every channel count a ResNet-50 norm layer sees
 
@@ -84,13 +84,26 @@ _MODELS = {"logistic": _logistic, "mlp": _mlp, "cnn": _cnn, "resnet50": _resnet5
 def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the model on CPU from `model_seed`, identically on every node.
 
+    `cfg.name` may be the user's own `module:callable` with the built-in builders' signature,
+    `build(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module`, called under the same
+    seed (docs/library.md, "Your model and data in train.py").
+
     Args:
         in_shape: (C, H, W) of one sample, e.g. `Splits.in_shape`.
     """
-    if cfg.name not in _MODELS:
-        raise ConfigError(f"--model.name: unknown model {cfg.name!r}; choose {', '.join(_MODELS)}")
+    if ":" in cfg.name:
+        build = import_callable(cfg.name, "model.name")
+    elif cfg.name in _MODELS:
+        build = _MODELS[cfg.name]
+    else:
+        raise ConfigError(f"--model.name: unknown model {cfg.name!r}; choose {', '.join(_MODELS)} or module:callable")
     # Seed only the CPU generator (torch.manual_seed would also reseed every CUDA device, which
     # fork_rng(devices=[]) does not restore); the caller's CPU RNG state comes back on exit.
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(cfg.model_seed)
-        return _MODELS[cfg.name](cfg, tuple(in_shape), num_classes)
+        model = build(cfg, tuple(in_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model.name {cfg.name} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"--model.name {cfg.name} returned a model without trainable parameters")
+    return model

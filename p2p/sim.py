@@ -34,17 +34,18 @@ from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 from tqdm import tqdm
 
 from p2p import checkpoint, plots
-from p2p.algorithms import FlatParams, build_algorithm
+from p2p.algorithms import FlatParams
 from p2p.comm import Env, read_env, resolve_device
-from p2p.config import Config, ConfigError
+from p2p.config import Config, ConfigError, one_line
 from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loader, partition
+from p2p.loop import (drains_at, log_epoch, loss_function, network, optimizer_kwargs, scheduler, start_run_dir,
+                      step_delays, stop_if_nonfinite)
 from p2p.metrics import Metrics
 from p2p.models import build_model
-from p2p.topology import Topology
 from p2p.node import Node
-from p2p.trainer import (drains_at, edge_slots, log_epoch, lr_at, network, start_run_dir, step_delays,
-                         stop_if_nonfinite)
-from p2p.transport import InMemory
+from p2p.optimizer import DecentralizedOptimizer
+from p2p.topology import Topology
+from p2p.transport import InMemory, Link
 
 log = logging.getLogger("p2p")
 EVAL_SAMPLES = 1 << 16  # samples per batched evaluation call (nodes × batch): bounds its activations
@@ -64,6 +65,19 @@ class SimComm:
         t.copy_(self.sim.grad_mean())
         self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
         return t
+
+
+class SimNetwork:
+    """Node k's view of the simulated network, as DecentralizedOptimizer asks it of a Network: its optimizer's
+    transport is its Link into the shared InMemory (the seed's per-edge slots are not simulated)."""
+
+    started = False  # no process group: the simulator's nodes share one config by construction
+
+    def __init__(self, rank: int, sim: Simulation, topology: Topology):
+        self.rank, self.world_size, self.device, self.topology, self.sim = rank, sim.n, sim.device, topology, sim
+
+    def transport(self, mode: str, max_staleness: int, interval: int, slots: dict[int, int] | None) -> Link:
+        return self.sim.transport.link(self.rank)
 
 
 class RowModel:
@@ -108,24 +122,36 @@ class Simulation:
 
     def __init__(self, cfg: Config, topology: Topology, splits: Splits, shards: list[np.ndarray],
                  device: torch.device):
-        self.n, self.device = len(shards), device
+        self.n, self.device, self.cfg_model = len(shards), device, cfg.model.name
         self.template = build_model(cfg.model, splits.in_shape, splits.num_classes).to(device)
+        batchnorm = [n for n, m in self.template.named_modules()
+                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if batchnorm:
+            raise ConfigError(f"--sim.nodes cannot simulate model {cfg.model.name}: its BatchNorm layers ({batchnorm[0]}, "
+                              f"...) update running statistics in place, which one batched call for all nodes cannot "
+                              f"do per node; use GroupNorm or LayerNorm, or launch with torchrun")
         self.like = {name: p for name, p in self.template.named_parameters() if p.requires_grad}
+        self.loss = loss_function(self.template)
+        self._batched_once = False  # the first batched step turns torch.func's refusals into one line
         w0 = torch.cat([p.detach().reshape(-1) for p in self.like.values()])
         self.W = w0.repeat(self.n, 1)  # (n, P)
         self.G = torch.zeros_like(self.W)  # (n, P)
         self._g_mean: torch.Tensor | None = None
         self.comms = [SimComm(k, self) for k in range(self.n)]
-        flats = [FlatParams.row(list(self.like.values()), self.W[k], self.G[k]) for k in range(self.n)]
-        self.rules = [build_algorithm(flats[k], cfg.algorithm, topology, self.comms[k]) for k in range(self.n)]
         self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval, cfg.comm.max_staleness,
                                   cfg.sim.latency_s, cfg.sim.drop_prob, cfg.run.seed)
+        # every node's own library optimizer over its rows of W and G. l2_lambda's term is added to all of G at
+        # once in `gradients`, as a real node adds it before allreduce's mean (which reads every row)
+        kwargs = {**optimizer_kwargs(cfg), "l2_lambda": 0.0}
+        self.optimizers = [DecentralizedOptimizer(FlatParams.row(list(self.like.values()), self.W[k], self.G[k]),
+                                                  SimNetwork(k, self, topology), **kwargs) for k in range(self.n)]
+        self.rules = [opt.rule for opt in self.optimizers]
         loaders = [node_loader(splits, shards[k], cfg.data, seed=cfg.run.seed + k, n_nodes=self.n)
                    for k in range(self.n)]
         val, test = eval_loader(splits.val, 1000), eval_loader(splits.test, 1000)
         # what a checkpoint saves and restores of each node, as of a real one
-        self.nodes = [Node(RowModel(self, k), flats[k], self.rules[k], self.transport, loaders[k], val, test)
-                      for k in range(self.n)]
+        self.nodes = [Node(RowModel(self, k), opt, scheduler(opt, cfg.train), loaders[k], val, test)
+                      for k, opt in enumerate(self.optimizers)]
         sources = [_tensor_source(ld.dataset) for ld in loaders]  # every shard: a Subset of the same training split
         self.tensors = tuple(t.to(device) for t in sources[0][0]) if sources[0] else None
         self.index = [index.to(device) for _, index in sources] if sources[0] else None
@@ -188,22 +214,33 @@ class Simulation:
         return torch.stack([self._forward(self.param_views(w), x) for w in W])
 
     def gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
-        """G ← every node's ∇(mean CE + (l2_lambda/2)||w||²) on its minibatch, as real nodes compute g_i.
+        """G ← every node's ∇(mean loss + (l2_lambda/2)||w||²) on its minibatch, as real nodes compute g_i.
 
         Returns the nodes' minibatch losses (n,), correct predictions (n,) and batch sizes (n,).
         """
+        if self._batched_once:
+            return self._gradients(X, Y, l2_lambda)
+        try:
+            out = self._gradients(X, Y, l2_lambda)
+        except RuntimeError as e:  # e.g. a model that changes a buffer in place, which vmap cannot batch
+            raise ConfigError(f"--sim.nodes cannot batch model {self.cfg_model}: {one_line(e)}; launch it with "
+                              f"torchrun instead") from None
+        self._batched_once = True
+        return out
+
+    def _gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
         W = self.W.detach().requires_grad_()  # shares W's storage; the gradient lands in W.grad
         params = self.param_views(W)
         if isinstance(X, torch.Tensor):  # one vmapped call for every node
             def loss_of(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 out = self._forward(p, x)
-                return F.cross_entropy(out, y), (out.argmax(-1) == y).sum()
+                return self.loss(out, y), (out.argmax(-1) == y).sum()
 
             losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
             sizes = torch.full((self.n,), Y.shape[1], device=self.device)
         else:  # batches of different sizes: one call per node, one backward
             outs = [self._forward({name: v[k] for name, v in params.items()}, x) for k, x in enumerate(X)]
-            losses = torch.stack([F.cross_entropy(out, y) for out, y in zip(outs, Y)])
+            losses = torch.stack([self.loss(out, y) for out, y in zip(outs, Y)])
             correct = torch.stack([(out.argmax(-1) == y).sum() for out, y in zip(outs, Y)])
             sizes = torch.tensor([len(y) for y in Y], device=self.device)
         losses.sum().backward()  # node k's loss depends on row k only: each row gets its own gradient
@@ -225,7 +262,10 @@ class Simulation:
             for a in range(0, m, chunk):
                 out = self._outputs(W[a:a + chunk], x)  # (c, B, C)
                 c = out.shape[0]
-                loss = F.cross_entropy(out.transpose(1, 2), y.expand(c, -1), reduction="none").sum(1)
+                if self.loss is F.cross_entropy:
+                    loss = F.cross_entropy(out.transpose(1, 2), y.expand(c, -1), reduction="none").sum(1)
+                else:  # the model's own loss, a batch mean: row by row
+                    loss = torch.stack([self.loss(o, y) for o in out]) * len(y)
                 loss_sum[a:a + c] += loss.cpu().numpy()
                 correct[a:a + c] += (out.argmax(-1) == y).sum(1).cpu().numpy()
             count += len(y)
@@ -281,7 +321,7 @@ def run(cfg: Config) -> dict[str, float]:
         log.warning("--data.workers %d is not used with --sim.nodes: the simulator gathers every node's batch itself",
                     cfg.data.workers)
     device, _ = resolve_device(cfg.run.device, "auto", Env(0, 1, 0, 1))  # no process group: any backend
-    topology, interval_warning = network(cfg, n)
+    topology = network(cfg, n)
     splits = load_splits(cfg.data)
     shards = partition(splits.train_labels, n, cfg.data)
     torch.manual_seed(cfg.run.seed)  # dropout of every node, drawn per node by vmap
@@ -289,9 +329,8 @@ def run(cfg: Config) -> dict[str, float]:
     ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs,
                                      checkpoint.fixed_fields(cfg, n), tcfg.keep_checkpoints) for k in range(n)]
     progress = _begin(cfg, sim, ckpts)
-    start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1],
-                  interval_warning)
-    if edge_slots(cfg, topology, sim.rules[0])[0] is not None:
+    start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1])
+    if sim.optimizers[0].slots_line.startswith("async"):
         log.warning("the per-edge slots of topology %s are not simulated: every edge exchanges at a round's end",
                     topology.source)
     for k, shard in enumerate(shards):
@@ -312,10 +351,8 @@ def run(cfg: Config) -> dict[str, float]:
 def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer], progress: list[dict] | None) -> int:
     """trainer.train_loop for every node at once: the same steps, rows, evaluations and checkpoints.
     Returns the steps taken (per node)."""
-    tcfg, acfg, n = cfg.train, cfg.algorithm, sim.n
+    tcfg, n = cfg.train, sim.n
     start_epoch, step = (progress[0]["epoch"], progress[0]["step"]) if progress else (0, 0)
-    for k, p in enumerate(progress or []):
-        sim.transport.load_state_dict(k, p["transport"])
     metrics = [Metrics(cfg.out_dir, k, cfg.log, resume_epoch=start_epoch) for k in range(n)]
     steps_per_epoch = len(sim.nodes[0].loader)
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not cfg.log.progress, desc="train",
@@ -330,15 +367,20 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
             n_seen = torch.zeros(n, device=sim.device, dtype=torch.long)
             delays = [step_delays(cfg, k, epoch) for k in range(n)]  # per node: a real node k's draws
             for X, Y in sim.epoch_batches():
-                lr = lr_at(step, tcfg, acfg.lr)
+                lr = sim.optimizers[0].param_groups[0]["lr"]  # γ_t of this step, every node's
                 with sim.timed("compute"):
-                    loss, right, size = sim.gradients(X, Y, acfg.l2_lambda)
+                    loss, right, size = sim.gradients(X, Y, cfg.algorithm.l2_lambda)
+                # every node's optimizer steps, in rank order; the last one's step runs the network's exchanges
+                sim.transport.step_seconds = [cfg.sim.step_s + (next(d) if d else 0.0) for d in delays]
+                exchange_s = sum(c.comm_s for c in sim.comms)
                 with sim.timed("rules"):
-                    for rule in sim.rules:
-                        rule.update(lr)
-                seconds = [cfg.sim.step_s + (next(d) if d else 0.0) for d in delays]
-                with sim.timed("exchange"):
-                    sim.transport.after_step(sim.rules, step, seconds)
+                    for node in sim.nodes:
+                        node.optimizer.step()
+                        if node.scheduler is not None:
+                            node.scheduler.step()
+                exchange_s = sum(c.comm_s for c in sim.comms) - exchange_s  # InMemory's share of the above
+                sim.seconds["rules"] -= exchange_s
+                sim.seconds["exchange"] += exchange_s
                 loss_sum += loss
                 correct += right
                 n_seen += size
@@ -371,8 +413,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 row["wall_s"] = wall_s
                 metrics[k].log(row)
                 if ckpts[k].due(epoch):
-                    ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s,
-                                                                     "transport": sim.transport.state_dict(k)})
+                    ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s})
     finally:
         bar.close()
         for m in metrics:

@@ -117,6 +117,10 @@ class Transport:
         s, self._stats = self._stats, fresh_stats()
         return stats_columns(s)
 
+    def average_gradient(self, g: torch.Tensor) -> None:
+        """g ← (1/n) Σ_j g_j over all nodes (allreduce's one use of the network), in place."""
+        self.comm.all_reduce_mean_(g)
+
     def after_step(self, rule, step: int) -> None:
         """After local step `step` (0-based, counted over the run): the exchanges due now, if any."""
         if self.slots is None:
@@ -308,6 +312,24 @@ class InMemory:
         # per node: {sender: [round, message, counted]} sent to it, not yet handed over, oldest first
         self.inbox: list[dict[int, deque[list]]] = [{} for _ in comms]
         self._stats = [fresh_stats() for _ in comms]
+        self._stepped: dict[int, object] = {}  # node: its rule, for the nodes that have made the current step
+        self.step_seconds: list[float] | None = None  # each node's virtual seconds for the current step
+
+    def link(self, k: int) -> Link:
+        """Node k's end of this network: what its optimizer steps, as a real node's optimizer steps a Transport."""
+        return Link(self, k)
+
+    def stepped(self, k: int, rule, step: int) -> None:
+        """Node k has made local step `step`. The simulator steps its nodes in order 0..n-1, so when the last one
+        has, every update of the step is done and the network's exchanges follow (`after_step`), with each node's
+        virtual seconds for the step from `step_seconds` (set by the simulator before the step)."""
+        self._stepped[k] = rule
+        if k == len(self.comms) - 1:
+            if len(self._stepped) != len(self.comms):
+                raise RuntimeError(f"step {step}: nodes {sorted(set(range(len(self.comms))) - set(self._stepped))} "
+                                   f"did not step before the last node")
+            rules, self._stepped = [self._stepped[i] for i in range(len(self.comms))], {}
+            self.after_step(rules, step, self.step_seconds)
 
     def after_step(self, rules: list, step: int, seconds: list[float] | None = None) -> None:
         """After local step `step` of every node, which took each node `seconds[k]` of virtual time."""
@@ -333,9 +355,10 @@ class InMemory:
         for comm in self.comms:
             comm.comm_s += share
 
-    def drain(self) -> None:
-        """Every node waits for all its exchanges; their messages wait, unapplied, for the next round's end."""
-        for k, inbox in enumerate(self.inbox):
+    def drain(self, k: int | None = None) -> None:
+        """Node k (None: every node) waits for all its exchanges; their messages wait, unapplied, for the next
+        round's end."""
+        for k, inbox in enumerate(self.inbox) if k is None else [(k, self.inbox[k])]:
             for j, letters in inbox.items():
                 if letters:
                     self._wait(k, self._done_at(k, j, letters[-1][0]))
@@ -419,3 +442,29 @@ class InMemory:
         """Node k's state from `state_dict` or a real node's checkpoint (no clock: 0)."""
         self.round, self.now[k], self.posted[k] = state["round"], state.get("clock", 0.0), {}
         self.inbox[k] = {j: deque([[state["ready_round"][j], msg.clone(), True]]) for j, msg in state["ready"].items()}
+
+
+class Link:
+    """Node k's end of an InMemory network, with a Transport's per-node methods, so a simulated node's
+    DecentralizedOptimizer steps it exactly as a real node's optimizer steps its Transport."""
+
+    def __init__(self, net: InMemory, k: int):
+        self.net, self.k = net, k
+
+    def after_step(self, rule, step: int) -> None:
+        self.net.stepped(self.k, rule, step)
+
+    def average_gradient(self, g: torch.Tensor) -> None:
+        self.net.comms[self.k].all_reduce_mean_(g)
+
+    def drain(self) -> None:
+        self.net.drain(self.k)
+
+    def epoch_stats(self) -> dict[str, float]:
+        return self.net.epoch_stats(self.k)
+
+    def state_dict(self) -> dict:
+        return self.net.state_dict(self.k)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(self.k, state)

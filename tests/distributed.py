@@ -101,3 +101,15 @@ def csv_rows(path: Path) -> list[dict[str, float | None]]:
     """A node's CSV as floats (None for empty cells)."""
     with path.open() as f:
         return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def optimizer(flat, cfg, topology, comm, mode: str = "sync"):
+    """The library's DecentralizedOptimizer over a test's own FlatParams, with the rule settings of `cfg` (an
+    AlgorithmConfig). Its l2_lambda is left to the test, which adds that term to the gradient itself."""
+    import dataclasses
+
+    from p2p.network import Network
+    from p2p.optimizer import DecentralizedOptimizer
+
+    fields = {**dataclasses.asdict(cfg), "l2_lambda": 0.0}
+    return DecentralizedOptimizer(flat, Network(comm, topology), fields.pop("name"), mode=mode, **fields)

@@ -5,7 +5,6 @@ algorithms read only `rank` from `comm` when they are built.
 """
 
 import io
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,8 +24,7 @@ def _build(name: str, optimizer: str = "sgd"):
     # every rule has a momentum buffer (Adam: its two moments)
     cfg = AlgorithmConfig(name=name, lr=0.1, momentum=0.9 if optimizer == "sgd" else 0.0, eta=0.5, interval=1,
                           optimizer=optimizer)
-    comm = SimpleNamespace(rank=1, world_size=4)
-    return model, flat, build_algorithm(flat, cfg, generate("ring", 4), comm)
+    return model, flat, build_algorithm(flat, cfg, generate("ring", 4), 1)
 
 
 def _steps(model, flat, algorithm, seed: int, n: int) -> None:
@@ -36,7 +34,7 @@ def _steps(model, flat, algorithm, seed: int, n: int) -> None:
         y = torch.randint(0, 3, (8,), generator=gen)
         flat.g.zero_()
         nn.functional.cross_entropy(model(x), y).backward()
-        algorithm.step(0.1, exchange=False)
+        algorithm.update(0.1)
 
 
 # every rule but allreduce (it communicates every step), and Adam as a local step

@@ -22,7 +22,8 @@ from p2p.checkpoint import Checkpointer
 from p2p.config import load_config
 from p2p.data import load_splits, partition
 from p2p.topology import Topology
-from p2p.trainer import build_node, network, train_loop
+from p2p.loop import network
+from p2p.trainer import build_node, train_loop
 from p2p.transport import NetworkStop, Transport
 from test_faults import QUICK, TORCHRUN
 
@@ -38,7 +39,7 @@ def _collectives(comm, mode: str, out: str) -> dict:
                            "--comm.mode", mode, "--train.epochs", str(epochs), "--train.checkpoint_every", "0",
                            "--log.tensorboard", "false", "--log.plots", "false", "--log.progress", "false",
                            "--run.dir", f"{out}/{mode}{epochs}"])
-        topology, _ = network(cfg, comm.world_size)
+        topology = network(cfg, comm.world_size)
         splits = load_splits(cfg.data)
         shards = partition(splits.train_labels, comm.world_size, cfg.data)
         node = build_node(cfg, comm, topology, splits, shards[comm.rank])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import csv_rows, run_ranks
+from distributed import csv_rows, optimizer, run_ranks
 from test_short_runs import _torchrun
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.compress import Compressor
@@ -40,7 +40,8 @@ def _run(comm, fields: dict) -> dict:
     topology = generate("ring", comm.world_size)
     model, flat = _model()
     w_0 = flat.w.clone()
-    algorithm = build_algorithm(flat, AlgorithmConfig(lr=LR, momentum=0.9, interval=1, **fields), topology, comm)
+    opt = optimizer(flat, AlgorithmConfig(lr=LR, momentum=0.9, interval=1, **fields), topology, comm)
+    algorithm = opt.rule
     gen = torch.Generator().manual_seed(100 + comm.rank)  # every rank its own data
     bytes_per_exchange = []
     for _ in range(STEPS):
@@ -49,7 +50,7 @@ def _run(comm, fields: dict) -> dict:
         flat.g.zero_()
         F.cross_entropy(model(x), y).backward()
         before = comm.bytes_sent
-        algorithm.step(LR, exchange=True)
+        opt.step()
         bytes_per_exchange.append(comm.bytes_sent - before)
     x_hat = {j: x.clone() for j, x in getattr(algorithm, "x_hat", {}).items()}
     return {"w": flat.w.clone(), "w_0": w_0, "bytes": bytes_per_exchange, "x_hat": x_hat,
@@ -119,7 +120,7 @@ def test_choco_refuses_a_time_varying_graph():
                         schedule=(((0, 1), (2, 3)), ((1, 2), (0, 3))))
     comm = type("Comm", (), {"rank": 0, "world_size": 4})()
     with pytest.raises(ConfigError, match="choco cannot use the time-varying topology"):
-        build_algorithm(flat, AlgorithmConfig(name="choco"), schedule, comm)
+        build_algorithm(flat, AlgorithmConfig(name="choco"), schedule, comm.rank)
 
 
 def test_quickstart_with_topk_learns_and_counts_its_bytes(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from p2p.config import AlgorithmConfig, Config, ConfigError, load_config, to_toml, validate
 from p2p.topology import Topology
-from p2p.trainer import resolve_interval
+from p2p.optimizer import resolve_interval
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,7 +138,7 @@ def test_malformed_command_lines_and_files(tmp_path):
     (["--data.partition", "dirichelt"], "--data.partition: unknown value 'dirichelt' (did you mean 'dirichlet'?)"),
     (["--train.scheduler", "stepp"], "--train.scheduler: unknown value 'stepp' (did you mean 'step'?)"),
     (["--algorithm.name", "pdmm", "--algorithm.optimizer", "adam"],
-     "--algorithm.optimizer adam is only for local, allreduce, dsgd, gossip; pdmm uses SGD"),
+     "--algorithm.optimizer adam is only for local, allreduce, dsgd, gossip, choco; pdmm uses SGD"),
     (["--comm.timeout_s", "inf"], "--comm.timeout_s must be > 0 and finite"),  # timedelta(inf) would overflow
     (["--algorithm.ratio", "0"], "--algorithm.ratio must be in (0, 1]"),
     (["--algorithm.ratio", "1.5"], "--algorithm.ratio must be in (0, 1]"),

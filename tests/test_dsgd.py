@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_ranks
+from distributed import optimizer, run_ranks
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.config import AlgorithmConfig, ModelConfig
 from p2p.models import build_model
 from p2p.topology import generate
+from p2p.transport import Transport
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,9 +35,9 @@ def _complete_graph_parity(comm, steps, lr):
     """DSGD (uniform mixing = J/n, K = 1), the allreduce algorithm and w ← mean_i(w − γ g_i), side by side."""
     topo = generate("complete", comm.world_size)
     model, flat = _mlp()
-    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", mixing="uniform", lr=lr), topo, comm)
+    dsgd = optimizer(flat, AlgorithmConfig(name="dsgd", mixing="uniform", lr=lr), topo, comm)
     model_ar, flat_ar = _mlp()
-    allreduce = build_algorithm(flat_ar, AlgorithmConfig(name="allreduce", lr=lr), topo, comm)
+    allreduce = optimizer(flat_ar, AlgorithmConfig(name="allreduce", lr=lr), topo, comm)
     model_ref, flat_ref = _mlp()
     gen = torch.Generator().manual_seed(100 + comm.rank)  # every rank its own data
     grads, dsgd_bytes, diffs = [], [], []
@@ -46,10 +47,10 @@ def _complete_graph_parity(comm, steps, lr):
         _gradient(model, flat, x, y)
         grads.append(flat.g.clone())
         before = comm.bytes_sent
-        dsgd.step(lr, exchange=True)
+        dsgd.step()
         dsgd_bytes.append(comm.bytes_sent - before)
         _gradient(model_ar, flat_ar, x, y)
-        allreduce.step(lr, exchange=True)
+        allreduce.step()
         _gradient(model_ref, flat_ref, x, y)
         flat_ref.w.sub_(flat_ref.g, alpha=lr)
         comm.all_reduce_mean_(flat_ref.w, training=False)
@@ -80,14 +81,16 @@ def _ring_gossip(comm, rounds):
     model = build_model(ModelConfig(name="logistic"), IN_SHAPE, CLASSES).double()
     flat = FlatParams(model)
     flat.w.copy_(torch.randn(flat.w.shape, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64))
-    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", mixing="metropolis", lr=0.1), topo, comm)
+    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", mixing="metropolis", lr=0.1), topo, comm.rank)
+    transport = Transport(comm)
     flat.g.zero_()
     history, bytes_sent = [flat.w.clone()], []
     for _ in range(rounds):
         before = flat.w.clone()
-        dsgd.step(0.1, exchange=False)  # K > 1: a local step alone sends nothing and, with g = 0, changes nothing
+        dsgd.update(0.1)  # K > 1: a local step alone sends nothing and, with g = 0, changes nothing
         assert torch.equal(flat.w, before)
-        dsgd.step(0.1, exchange=True)
+        dsgd.update(0.1)
+        transport.end_round(dsgd)
         history.append(flat.w.clone())
         bytes_sent.append(comm.bytes_sent)
     return {"history": torch.stack(history), "bytes_sent": bytes_sent, "degree": topo.degree(comm.rank)}
@@ -130,11 +133,13 @@ def _hypercube_averaging(comm, rounds):
     model = build_model(ModelConfig(name="logistic"), IN_SHAPE, CLASSES).double()
     flat = FlatParams(model)
     flat.w.copy_(torch.randn(flat.w.shape, generator=torch.Generator().manual_seed(comm.rank), dtype=torch.float64))
-    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", lr=0.0), topo, comm)
+    dsgd = build_algorithm(flat, AlgorithmConfig(name="dsgd", lr=0.0), topo, comm.rank)
+    transport = Transport(comm)
     flat.g.normal_()  # lr 0: the gradient must not matter
     history, bytes_sent = [flat.w.clone()], []
     for _ in range(rounds):
-        dsgd.step(0.0, exchange=True)
+        dsgd.update(0.0)
+        transport.end_round(dsgd)
         history.append(flat.w.clone())
         bytes_sent.append(comm.bytes_sent)
     return {"history": torch.stack(history), "bytes_sent": bytes_sent}

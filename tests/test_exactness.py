@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import run_ranks
+from distributed import optimizer, run_ranks
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.config import AlgorithmConfig, ConfigError
 from p2p.topology import Topology
@@ -118,11 +118,12 @@ def _optimality(comm, model, flat: FlatParams, x, y) -> tuple[float, float]:
 def _run(comm, topology: Topology, fields: dict, x, y, steps: int, stop_at_tol: bool) -> dict:
     model, flat = _model()
     cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
-    algorithm = build_algorithm(flat, cfg, topology, comm)
+    opt = optimizer(flat, cfg, topology, comm)  # the L2 term is _gradient's
+    algorithm = opt.rule
     bytes_before, trace, first_steps = comm.bytes_sent, [], [flat.w.clone()]
     for step in range(steps):
         _gradient(model, flat, x, y)
-        algorithm.step(cfg.lr, exchange=(step + 1) % cfg.interval == 0)
+        opt.step()  # the exchange after every K-th
         if step < REPLAY_STEPS:
             first_steps.append(flat.w.clone())
         if (step + 1) % CHECK_EVERY == 0:
@@ -282,7 +283,7 @@ def test_bytes_per_exchange(runs, topology):
 
 def _build(name: str, topology: Topology, rank: int = 0, **fields):
     _, flat = _model()
-    return build_algorithm(flat, AlgorithmConfig(name=name, **fields), topology, SimpleNamespace(rank=rank))
+    return build_algorithm(flat, AlgorithmConfig(name=name, **fields), topology, rank)
 
 
 @pytest.mark.parametrize("name", ["pdmm_isvr", "admm_isvr"])
@@ -300,7 +301,7 @@ def test_cadmm_needs_interval_1():
 
 
 def test_isvr_with_interval_1_warns_and_auto_interval_is_4(caplog):
-    from p2p.trainer import resolve_interval
+    from p2p.optimizer import resolve_interval
     with caplog.at_level(logging.WARNING, logger="p2p.algorithms.primal_dual"):
         _build("pdmm_isvr", RING, interval=4)
         assert not caplog.records

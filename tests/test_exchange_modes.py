@@ -45,7 +45,7 @@ DSGD_STEPS = 300
 def _run(comm, topology, fields: dict, mode: str, S: int, x, y, steps: int, stop_at_tol: bool) -> dict:
     model, flat = _model()
     cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
-    algorithm = build_algorithm(flat, cfg, topology, comm)
+    algorithm = build_algorithm(flat, cfg, topology, comm.rank)
     transport = Transport(comm, mode, S)
     delays = random.Random(comm.rank)
     trace, staleness_max = [], 0
@@ -161,7 +161,7 @@ def _in_memory(fields: dict, lag: int, steps: int, build_first: bool, topology: 
     for i in range(N):
         model, flat = _model()
         cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": 1, **fields})
-        rule = build_algorithm(flat, cfg, TOPOLOGIES[topology], SimpleNamespace(rank=i, world_size=N))
+        rule = build_algorithm(flat, cfg, TOPOLOGIES[topology], i)
         nodes.append((model, flat, rule, *_shard(i)))
     sent = []  # per round, per node: {j: message}
     for r in range(steps):

@@ -120,9 +120,9 @@ def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
 def _fake_node(value: float):
     model = nn.Linear(2, 2)
     torch.nn.init.constant_(model.weight, value)
-    algorithm = SimpleNamespace(state_dict=lambda: {"dual": torch.full((2,), value)}, load_state_dict=lambda s: None)
+    optimizer = SimpleNamespace(state_dict=lambda: {"dual": torch.full((2,), value)}, load_state_dict=lambda s: None)
     loader = SimpleNamespace(sampler=SimpleNamespace(generator=torch.Generator()))
-    return SimpleNamespace(model=model, algorithm=algorithm, loader=loader)
+    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=None, loader=loader)
 
 
 def test_checkpoints_keep_two_and_resume_the_newest_common_epoch(tmp_path):

@@ -8,7 +8,7 @@ local SGD step is the identity and only the exchange moves the weights; float64,
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import optimizer, run_ranks
 from p2p.algorithms import FlatParams, build_algorithm
 from p2p.config import AlgorithmConfig
 from p2p.topology import generate
@@ -30,13 +30,14 @@ def _flat(rank: int) -> FlatParams:
 
 def _gossip(comm, schedule: str, rounds: int) -> list[dict]:
     flat = _flat(comm.rank)
-    gossip = build_algorithm(flat, AlgorithmConfig(name="gossip", schedule=schedule, lr=0.1), RING, comm)
+    opt = optimizer(flat, AlgorithmConfig(name="gossip", schedule=schedule, lr=0.1), RING, comm)
+    gossip = opt.rule
     flat.g.zero_()
     history = []
     for r in range(rounds):
         before, bytes_before = flat.w.clone(), comm.bytes_sent
         partner = gossip.partner(r)  # this node's own view of the active matching
-        gossip.step(0.1, exchange=True)
+        opt.step()
         history.append({"before": before, "after": flat.w.clone(), "partner": partner,
                         "bytes": comm.bytes_sent - bytes_before})
     return history

@@ -45,7 +45,7 @@ def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
 
     from p2p.algorithms import FlatParams, build_algorithm
     from p2p.topology import build_topology, generate
-    from p2p.trainer import resolve_interval
+    from p2p.optimizer import resolve_interval
 
     from p2p.config import SYNC_ONLY, ConfigError
 
@@ -59,4 +59,4 @@ def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
     resolve_interval(cfg.algorithm, topology)
     if name in ("cadmm", "ed") and cfg.algorithm.interval != 1:
         pytest.skip(f"{path.name} sets interval {cfg.algorithm.interval}: {name} refuses it with a one-line error")
-    build_algorithm(FlatParams(nn.Linear(3, 2)), cfg.algorithm, topology, SimpleNamespace(rank=0))
+    build_algorithm(FlatParams(nn.Linear(3, 2)), cfg.algorithm, topology, 0)

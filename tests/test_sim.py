@@ -15,7 +15,8 @@ from p2p import sim
 from p2p.checkpoint import Checkpointer
 from p2p.config import Config, load_config
 from p2p.data import load_splits, partition
-from p2p.trainer import build_node, network, train_loop
+from p2p.loop import network
+from p2p.trainer import build_node, train_loop
 
 pytestmark = pytest.mark.timeout(400)
 N = 4
@@ -54,7 +55,7 @@ def _real(comm, cfgs: list[Config]) -> None:
     """The trainer's loop on this rank for each config in turn, in one process group (what torchrun runs)."""
     for cfg in cfgs:
         comm.bytes_sent, comm.comm_s = 0, 0.0
-        topology, _ = network(cfg, comm.world_size)
+        topology = network(cfg, comm.world_size)
         splits = load_splits(cfg.data)
         shards = partition(splits.train_labels, comm.world_size, cfg.data)
         torch.manual_seed(cfg.run.seed + comm.rank)

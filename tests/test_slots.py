@@ -42,7 +42,8 @@ def _train(comm, run_dir: str, *args: str) -> dict:
     from p2p import checkpoint
     from p2p.data import load_splits, partition
     from p2p.topology import build_topology
-    from p2p.trainer import build_node, resolve_interval, train_loop
+    from p2p.optimizer import resolve_interval
+    from p2p.trainer import build_node, train_loop
 
     cfg = load_config([*TRAIN, "--run.dir", run_dir, *args])
     topology = build_topology(cfg.topology, comm.world_size)
@@ -97,7 +98,7 @@ def _slots_run(comm, rule: str) -> dict:
     x, y = _shard(comm.rank)
     model, flat = _model()
     cfg = AlgorithmConfig(**{"lr": LR, "l2_lambda": L2, "interval": K, **SLOT_RULES[rule]})
-    algorithm = build_algorithm(flat, cfg, topology, comm)
+    algorithm = build_algorithm(flat, cfg, topology, comm.rank)
     transport = Transport(comm, "async", S, K, SLOT[comm.rank])
     delays = random.Random(comm.rank)
     trace, staleness_max = [], 0
@@ -138,12 +139,12 @@ def test_primal_dual_with_slots_in_async_reaches_the_optimum(rule):
     (["--algorithm.name", "gossip"], False, "gossip picks its own partners each round"),
 ])
 def test_slots_are_used_only_in_async_with_the_files_round(args, used, why):
-    from p2p.trainer import edge_slots, resolve_interval
+    from p2p.optimizer import edge_slots, resolve_interval
 
     cfg = load_config([*TRAIN, *args])
     topology = load_topology(SEED_RING)
     resolve_interval(cfg.algorithm, topology)
-    algorithm = build_algorithm(_model()[1], cfg.algorithm, topology, SimpleNamespace(rank=1, world_size=3))
-    slots, line = edge_slots(cfg, topology, algorithm)
+    algorithm = build_algorithm(_model()[1], cfg.algorithm, topology, 1)
+    slots, line = edge_slots(cfg.algorithm, cfg.comm.mode, topology, algorithm)
     assert (slots == SLOT[1]) if used else slots is None
     assert why in line

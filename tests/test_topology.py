@@ -244,7 +244,7 @@ def test_schedules_reach_the_rules_that_use_them(tmp_path):
     model = torch.nn.Linear(2, 2)
     for name in ALGORITHMS:
         cfg = AlgorithmConfig(name=name, interval=4 if name.endswith("_isvr") else 1)
-        build = lambda: build_algorithm(FlatParams(model), cfg, t, SimpleNamespace(rank=5, world_size=8))  # noqa: E731
+        build = lambda: build_algorithm(FlatParams(model), cfg, t, 5)  # noqa: E731
         if name in ("gossip", "cadmm", "choco"):
             with pytest.raises(ConfigError, match=f"^{name} .*one_peer_hypercube\\(n=8\\).*; use "):
                 build()

@@ -2,6 +2,8 @@
 
 from functools import partial
 
+import torch
+
 from p2p.algorithms.allreduce import AllReduce
 from p2p.algorithms.base import Algorithm, FlatParams
 from p2p.algorithms.cadmm import CADMM
@@ -13,7 +15,6 @@ from p2p.algorithms.gt import GradientTracking
 from p2p.algorithms.local import Local
 from p2p.algorithms.primal_dual import PrimalDual
 from p2p.algorithms.qgm import QGM
-from p2p.comm import Comm
 from p2p.config import AlgorithmConfig
 from p2p.topology import Topology
 
@@ -34,8 +35,13 @@ ALGORITHMS = {
 }
 
 
-def build_algorithm(flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, comm: Comm) -> Algorithm:
-    return ALGORITHMS[cfg.name](flat, cfg, topology, comm)
+def build_algorithm(flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, rank: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> Algorithm:
+    """Node `rank`'s rule. `optimizer`: a torch optimizer the user built over `flat.params`, as the local step of
+    the rules whose local step is one (TORCH_OPTIMIZER); the caller checks that the rule is one of them."""
+    if optimizer is not None:
+        return ALGORITHMS[cfg.name](flat, cfg, topology, rank, optimizer=optimizer)
+    return ALGORITHMS[cfg.name](flat, cfg, topology, rank)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "FlatParams", "build_algorithm"]

@@ -7,10 +7,9 @@ from p2p.algorithms.local import Local
 class AllReduce(Local):
     """g ← (1/n) Σ_i g_i (all-reduce every step, whatever K), then the torch optimizer steps.
     A blocking collective every step: `sync` mode only (no messages for a transport to delay).
+    The rule holds no process group: the optimizer has its transport average g before `update`.
 
     The models stay identical because they start identical and see the same averaged gradient.
     """
 
-    def update(self, lr: float) -> None:
-        self.comm.all_reduce_mean_(self.flat.g)
-        super().update(lr)
+    averages_gradients = True

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p2p.comm import Comm
 from p2p.config import AlgorithmConfig
 from p2p.topology import Topology
-from p2p.transport import Transport
 
 
 class FlatParams:
@@ -20,8 +18,9 @@ class FlatParams:
     Non-trainable buffers (e.g. BatchNorm running stats) are not part of it and never exchanged.
     """
 
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: nn.Module | list[torch.Tensor]):
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        self.params = [p for p in params if p.requires_grad]
         first = self.params[0]
         if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
             raise ValueError("all trainable parameters must share one dtype and device")
@@ -72,8 +71,8 @@ class Algorithm:
         messages()       at the end of a round: {neighbour j: the flat tensor to send j}
         receive(msgs)    what the rule does with received messages {j: tensor}
 
-    A rule never calls the network: the transport decides when messages travel and which received
-    ones it hands over (`sync`: this round's; `overlap`, `async`: older ones, at most one per edge
+    A rule never calls the network and holds no process group: `p2p.DecentralizedOptimizer` is where a
+    rule meets a transport, and the transport decides when messages travel and which received ones it hands over (`sync`: this round's; `overlap`, `async`: older ones, at most one per edge
     and each once; possibly for only some neighbours). The tensors `messages()` returns may be the
     rule's own buffers (the transport copies what it keeps in flight); those `receive()` gets are
     valid only during the call (copy what is kept). Everything with state (duals, neighbour copies,
@@ -83,13 +82,13 @@ class Algorithm:
     # messages() may be called at any step, its messages sent to some peers only: edges can exchange at
     # different steps (the seed's per-edge slots). False for a rule whose messages() picks the round's partners.
     per_edge = True
+    # g_i ← (1/n) Σ_j g_j before every update (allreduce): the optimizer asks its transport for it
+    averages_gradients = False
 
-    def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, comm: Comm):
-        self.flat, self.cfg, self.topology, self.comm = flat, cfg, topology, comm
-        self.rank = comm.rank
-        self.neighbors = topology.neighbors(comm.rank) if topology.n > 1 else []
+    def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, rank: int):
+        self.flat, self.cfg, self.topology, self.rank = flat, cfg, topology, rank
+        self.neighbors = topology.neighbors(rank) if topology.n > 1 else []
         self.lr = cfg.lr  # γ_t of the latest update, for rules whose receive() needs it (cadmm)
-        self._transport: Transport | None = None  # step()'s, created at its first exchange
 
     def update(self, lr: float) -> None:
         raise NotImplementedError
@@ -99,13 +98,6 @@ class Algorithm:
 
     def receive(self, msgs: dict[int, torch.Tensor]) -> None:
         pass
-
-    def step(self, lr: float, exchange: bool) -> None:
-        """The `sync` mode in one call: the local update, then at a round's end a blocking exchange."""
-        self.update(lr)
-        if exchange:
-            self._transport = self._transport or Transport(self.comm)
-            self._transport.end_round(self)
 
     def state_dict(self) -> dict:
         return {}

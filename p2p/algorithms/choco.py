@@ -29,8 +29,8 @@ class Choco(Local):
     q_i would leave a neighbour's copy x̂_i different from i's own, and the two never meet again.
     """
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.topology.schedule is not None:
             raise ConfigError(f"choco cannot use the time-varying topology {self.topology.source}: an inactive "
                               f"neighbour would miss q_i and its copy x_hat_i would drift; use dsgd")

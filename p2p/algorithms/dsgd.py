@@ -36,8 +36,8 @@ class DSGD(Local):
     of test accuracy against sync, mixing each message once 0.8.
     """
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.rows = mixing_rows(self.topology, self.cfg.mixing, self.rank)  # per graph of the schedule
         self.rounds = 0  # exchanges so far: r
         self.W_ii, self.W_ij = 1.0, {}  # the row of the latest round this node sent in

@@ -26,8 +26,8 @@ class Gossip(Local):
 
     per_edge = False  # messages() advances the matching: one call per round
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.topology.schedule is not None:
             raise ConfigError(f"gossip picks its own matching per exchange, so it takes a static topology, not "
                               f"{self.topology.source}; use dsgd (on one_peer_hypercube it is pairwise averaging)")

@@ -68,7 +68,7 @@ class PrimalDual(Algorithm):
         else:
             K, piw = cfg.interval, cfg.piw
             if K < 1:  # a programming error, not a user's: the trainer resolves K = 0 (auto) first
-                raise ValueError(f"interval {K} is unresolved: call trainer.resolve_interval before building")
+                raise ValueError(f"interval {K} is unresolved: call p2p.optimizer.resolve_interval before building")
             if any(K * d[j] + K - piw * d[j] <= 0 for j in self.neighbors):
                 raise ConfigError(f"--algorithm.piw {piw:g} with --algorithm.interval {K} gives a negative ISVR "
                                   f"penalty on degree {max(d.values())}: use interval >= 2 or piw <= 1")

@@ -1,0 +1,122 @@
+"""What the torchrun trainer (p2p/trainer.py) and the simulator (p2p/sim.py) share, below both of them: the
+graph and K of a run, the optimizer's keyword arguments and scheduler from the config, the loss, evaluation,
+straggler delays, where a node drains, the run directory's header and the epoch's log line."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from p2p import checkpoint
+from p2p.config import Config, ConfigError, TrainConfig, to_toml
+from p2p.optimizer import resolve_interval
+from p2p.topology import Topology, build_topology
+
+log = logging.getLogger("p2p")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Some node's loss became NaN/inf: every node stops together, keeping the last good checkpoint."""
+
+
+def network(cfg: Config, n: int) -> Topology:
+    """The topology of n nodes, with K resolved in cfg (before config.toml records it)."""
+    topology = build_topology(cfg.topology, n) if n > 1 else Topology(1, ())
+    if cfg.algorithm.mixing == "file" and topology.weights is None:
+        raise ConfigError(f"--algorithm.mixing file: topology {topology.source} has no per-edge weights")
+    resolve_interval(cfg.algorithm, topology)  # its warning is the optimizer's to log
+    return topology
+
+
+def optimizer_kwargs(cfg: Config) -> dict:
+    """The config as DecentralizedOptimizer's keyword arguments: one vocabulary for the config and the library."""
+    fields = dataclasses.asdict(cfg.algorithm)
+    return {"algorithm": fields.pop("name"), **fields, "mode": cfg.comm.mode, "max_staleness": cfg.comm.max_staleness}
+
+
+def scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """`train.scheduler` as torch's own scheduler, stepped once per iteration (the seed's StepLR)."""
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+def loss_function(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss: the model's own `loss(output, target)` (a mean over the batch) if it has one, else
+    cross-entropy of logits (B, C) against class indices (B,)."""
+    own = getattr(model, "loss", None)
+    return own if callable(own) else F.cross_entropy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean loss and accuracy of `model` on a whole split."""
+    model.eval()
+    own = getattr(model, "loss", None)
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += own(out, y).item() * len(y) if callable(own) else F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def step_delays(cfg: Config, rank: int, epoch: int) -> Iterator[float] | None:
+    """Node `rank`'s straggler delay per step of `epoch` (`train.step_delay`, `slow_ranks`): seconds it sleeps, or
+    in simulation virtual seconds. Exponential draws per (seed, rank, epoch), so a resumed run repeats them, and a
+    simulated node k draws what a real node k does. None when the node has none."""
+    t = cfg.train
+    if t.step_delay <= 0 or (t.slow_ranks and rank not in t.slow_ranks):
+        return None
+    if t.step_delay_dist == "constant":
+        return iter(lambda: t.step_delay, None)
+    rng = np.random.default_rng((cfg.run.seed, rank, epoch, 1))
+    return iter(lambda: float(rng.exponential(t.step_delay)), None)
+
+
+def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
+    return (f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr; the last good checkpoint "
+            f"is kept in {ckpt_dir}")
+
+
+def stop_if_nonfinite(train_losses: list[float], epoch: int, ckpt_dir: Path) -> None:
+    """NonFiniteLoss naming the nodes whose training loss (by rank, every node's) is NaN or inf."""
+    bad = [rank for rank, loss in enumerate(train_losses) if not np.isfinite(loss)]
+    if bad:
+        raise NonFiniteLoss(nonfinite_message(f"node(s) {bad}", epoch, ckpt_dir))
+
+
+def drains_at(cfg: Config, epoch: int, ckpt: checkpoint.Checkpointer) -> bool:
+    """Whether a node completes all its posted exchanges at the end of `epoch`: where a checkpoint is written
+    (it must hold no message in flight) and after the last epoch; sync and overlap at every epoch end, where
+    they meet anyway. Real nodes and the simulator drain alike."""
+    return cfg.comm.mode != "async" or epoch == cfg.train.epochs or ckpt.due(epoch)
+
+
+def start_run_dir(cfg: Config, topology: Topology, what: str, n_params: int) -> None:
+    """The resolved config and graph into the run directory, and the run's header in the log."""
+    (cfg.out_dir / "config.toml").write_text(to_toml(cfg))
+    topology.save(cfg.out_dir / "topology.json")
+    log.info("%s, K = %d, %d parameters", what, cfg.algorithm.interval, n_params)
+    if topology.n > 1:
+        log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
+
+
+def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
+    """The evaluation line: node 0's train loss, every node's test accuracy, the averaged model, consensus."""
+    log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | consensus %.3e | "
+             "%.1fs", epoch, epochs, row["train_loss"], float(np.mean(accs)), min(accs), max(accs),
+             row["avg_test_acc"], row["consensus_dist"], elapsed)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{np.mean(accs):.3f}")
