@@ -152,8 +152,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _own_grads(self) -> None:
         """Put back the flat buffer's views where a user's `model.zero_grad()` or code replaced `.grad`."""
         for p, view in zip(self.flat.params, self._grads):
-            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                view.zero_() if p.grad is None else view.copy_(p.grad)
+            grad = p.grad
+            if grad is not view:  # torch keeps a tensor's Python object: identity is the cheap check (6 µs / 82)
+                view.zero_() if grad is None else view.copy_(grad)
                 p.grad = view
 
     @torch.no_grad()

@@ -385,3 +385,18 @@ def test_a_bad_model_or_data_path_is_one_line(tmp_path, capsys, argv, match):
                        "--train.epochs", "1", "--log.progress", "false", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_model_zero_grad_and_replaced_grads_are_repaired():
+    """A user's model.zero_grad() (set_to_none) or a replaced .grad: step() still reads the new gradients."""
+    ws = []
+    for use_model_zero_grad in (False, True):
+        model = _model()
+        opt = p2p.DecentralizedOptimizer(model.parameters(), _lonely_net(), "local", lr=0.1, momentum=0.9)
+        for step in range(3):
+            x, y = _batch(0, step)
+            model.zero_grad() if use_model_zero_grad else opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        ws.append(opt.flat.w.clone())
+    assert torch.equal(ws[0], ws[1]) and not torch.equal(ws[0], torch.cat([p.reshape(-1) for p in _model().parameters()]))
