@@ -9,16 +9,21 @@ import time
 
 STARTED = time.perf_counter()  # before the imports, whose seconds the start-up log line counts
 
+import os  # noqa: E402
 import sys  # noqa: E402
+
+PARENT = os.getppid()  # torchrun's agent, before it has seconds to die unnoticed (checkpoint.follow_agent)
 
 import torch  # noqa: E402
 
+from p2p.checkpoint import follow_agent  # noqa: E402
 from p2p.comm import PeerFailure  # noqa: E402
 from p2p.config import Config, ConfigError, load_config, one_line, to_toml  # noqa: E402
 from p2p.trainer import NonFiniteLoss, run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    follow_agent(PARENT)  # under torchrun: stop when the agent dies, however it dies
     if {"-h", "--help"} & set(argv):
         print(__doc__.strip(), "\nThe fields and their defaults (docs/configuration.md):\n", sep="\n")
         print(to_toml(Config()))

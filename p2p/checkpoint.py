@@ -5,6 +5,9 @@ checkpoint ahead of a peer that died while writing, and the network resumes from
 that *every* node can read. Files are written to a temporary name, fsynced and `os.replace`d, so a
 crash never leaves a half-written checkpoint under a real name, and loaded with weights_only=True.
 
+A run directory belongs to one job at a time: its processes hold `.lock` (RunLock, `claim`) from before they
+read anything in it until they end, and a second job stops with one line naming the holder.
+
 A launch only ever *continues* a run from a checkpoint every node has, or *starts* in a directory
 that holds no results (CSV rows, checkpoints); see `decide`. A torchrun restart is recognised by
 the `started_by` file, not by TORCHELASTIC_RESTART_COUNT: once every check has passed and training
@@ -18,13 +21,19 @@ counter could not tell these apart, and it is per host.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
 import pickle
 import random
 import re
+import signal
 import socket
+import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +48,7 @@ from p2p.node import Node
 log = logging.getLogger("p2p")
 KEEP = 2
 MARKER = "started_by"
+LOCK = ".lock"  # held by the job that owns the run directory (RunLock)
 # What a resumed run may not change: the saved state, step count and data order only mean something with them.
 FIXED = ("data.name", "data.partition", "data.alpha", "data.classes_per_node", "data.class_shift", "data.val_fraction",
          "data.data_seed", "data.batch_size", "data.samples_per_epoch", "algorithm.name", "algorithm.interval",
@@ -177,11 +187,114 @@ def agent_id() -> str:
     return f"{socket.gethostname()} pid {ppid} started {started} rdzv {os.environ['TORCHELASTIC_RUN_ID']}"
 
 
+class RunLock:
+    """Who owns a run directory: an exclusive POSIX record lock (lockf) on `<dir>/.lock`, held until the holding
+    process ends, however it ends: the kernel (or the NFS server) drops it then, so a crash leaves no stale owner
+    behind, as a marker file would. The file names its holder, for the message of whoever is refused.
+
+    A POSIX lock belongs to the process and goes with *any* close of the file by that process, so the holder
+    opens it once and keeps it open; a process owns one run directory at a time (claiming another releases the
+    first), so runs one after another in one process (tests, sweeps) do not pile up open files.
+    """
+
+    def __init__(self) -> None:
+        self.file = None  # the open lock file while held
+        self.dir: Path | None = None
+
+    def acquire(self, out_dir: Path, agent: str) -> bool:
+        """Take the lock of `out_dir` (creating both), writing this process's identity into it; False when
+        another process holds it. ConfigError when the directory cannot be written."""
+        if self.dir == out_dir.resolve():
+            return True  # already ours: an in-process run after another one here
+        self.release()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise ConfigError(f"run directory {out_dir} is a file: pass a directory to --run.dir") from None
+        except OSError as e:
+            raise ConfigError(f"cannot write to run directory {out_dir} ({e.strerror}): pick another --run.dir or "
+                              f"--run.name") from None
+        file = os.fdopen(fd, "r+")
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                file.close()  # this process holds no lock on it: closing drops nothing
+                return False
+            log.warning("cannot lock run directory %s (%s): another job could write into it at the same time",
+                        out_dir, e.strerror)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "agent": agent}
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(holder) + "\n")
+        file.flush()
+        os.fsync(file.fileno())  # on a shared file system, other hosts read it after the next collective
+        self.file, self.dir = file, out_dir.resolve()
+        return True
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = self.dir = None
+
+
+_OWNER = RunLock()  # this process's run directory
+
+
+def _holder(out_dir: Path) -> dict:
+    """The holder that `<dir>/.lock` names; {} when it cannot be read (or is still being written)."""
+    for _ in range(20):  # a holder that took the lock this instant writes its name right after
+        try:
+            return json.loads((out_dir / LOCK).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {}
+
+
+def claim(out_dir: Path, agent: str, comm: Comm | None = None) -> None:
+    """Own `out_dir` for this job until its processes end: ConfigError on every rank, naming the holder, when
+    another job owns it. Call before reading or writing anything in it.
+
+    With `comm` every rank calls it. Ranks of one host share a directory, so only local rank 0 takes the lock;
+    a host whose lock is held by another host of this same job (a directory shared over a network file system)
+    goes on. Without `comm` (the simulator) this process alone takes it.
+    """
+    got = (comm is not None and comm.env.local_rank != 0) or _OWNER.acquire(out_dir, agent)
+    # a collective: every host that got the lock has written its name by the time the others read it
+    agents = {a.decode() for a in comm.all_gather_bytes(agent.encode())} if comm is not None else {agent}
+    error = ""
+    if not got and (holder := _holder(out_dir)).get("agent") not in agents:
+        who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "a process that did not say who"
+        error = (f"run directory {out_dir} is in use by another job ({who}): wait for it to end or stop it, or start "
+                 f"a new run with --run.name NAME")
+    if comm is not None:
+        comm.agree(error)
+    elif error:
+        raise ConfigError(error)
+
+
+def follow_agent(agent_pid: int) -> None:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker when its agent dies.
+
+    A SIGKILLed agent (OOM killer, scancel -9) cannot stop its workers, which run in sessions of their own, so
+    without this they would go on training and holding the run directory. `agent_pid`: the parent's pid, read
+    when the process began; if it is no longer the parent, the agent died before the kernel was told.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the torchrun agent (%s)", os.strerror(ctypes.get_errno()))
+    elif os.getppid() != agent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @dataclass
 class Facts:
     """What one node sees of the run directory; gathered from every node before anything is decided."""
 
-    nonempty: bool  # the directory exists and holds anything
+    nonempty: bool  # the directory exists and holds anything but its lock
     ours: bool  # `started_by` lists this node's agent: an earlier attempt of this job began training here
     agent: str  # this node's agent (agent_id)
     logged: list[int]  # epochs in node<rank>.csv
@@ -234,7 +347,7 @@ def node_facts(out_dir: Path, rank: int, ckpt: Checkpointer, device: torch.devic
     """What node `rank` sees of `out_dir`, and its readable checkpoints by epoch."""
     marker = out_dir / MARKER
     states = ckpt.readable(device)
-    return Facts(nonempty=out_dir.is_dir() and any(out_dir.iterdir()),
+    return Facts(nonempty=out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()),
                  ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
                  logged=logged_epochs(out_dir, rank), saved=ckpt.epochs(), readable=sorted(states)), states
 
@@ -253,7 +366,9 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
     Returns the progress ({"epoch", "step", "wall_s", "transport"}) of the checkpoint it continues from, None when
     it starts at epoch 0. Call right after joining the process group, before writing anything.
     """
-    mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent_id())
+    agent = agent_id()
+    claim(out_dir, agent, comm)
+    mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent)
     facts = [Facts(**json.loads(b)) for b in comm.all_gather_bytes(json.dumps(asdict(mine)).encode())]
     epoch = decide(facts, resume, out_dir)
     progress, error = None, ""
