@@ -3,7 +3,9 @@
 Each node writes `ckpt/node<rank>_epoch<E>.pt` and keeps its two newest: a node can be one
 checkpoint ahead of a peer that died while writing, and the network resumes from the newest epoch
 that *every* node can read. Files are written to a temporary name, fsynced and `os.replace`d, so a
-crash never leaves a half-written checkpoint under a real name, and loaded with weights_only=True.
+crash never leaves a half-written checkpoint under a real name. Each has its SHA-256 beside it
+(`<name>.pt.sha256`): a file whose bytes changed afterwards (a bad disk, a copy, a bit flip) is not
+loaded, however well torch.load would take it, and loading uses weights_only=True.
 
 A run directory belongs to one job at a time: its processes hold `.lock` (RunLock, `claim`) from before they
 read anything in it until they end, and a second job stops with one line naming the holder.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import logging
 import os
@@ -82,6 +86,65 @@ def _set_numpy_state(s: dict) -> None:
     np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
 
 
+def checksum_path(path: Path) -> Path:
+    """A checkpoint's checksum file, `<name>.pt.sha256`, in `sha256sum -c` format."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    """`data` under `path`, atomically: a temporary file, fsynced (on disk before a name points at it), renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _verified_bytes(path: Path) -> bytes:
+    """The bytes of checkpoint `path` once their SHA-256 matches its checksum file; ValueError(reason) when not.
+
+    A checkpoint without a checksum file, from before p2p wrote them, is accepted with a warning: refusing it
+    would strand every older run, and its loading still has to succeed.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(e.strerror) from None
+    side = checksum_path(path)
+    try:
+        expected = side.read_text().split()[0]
+    except FileNotFoundError:
+        log.warning("checkpoint %s has no checksum (%s; written before p2p wrote them): loading it unverified",
+                    path, side.name)
+        return data
+    except (OSError, UnicodeDecodeError, IndexError):
+        raise ValueError(f"its checksum file {side.name} cannot be read") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"its SHA-256 differs from {side.name}: the file changed after it was written")
+    return data
+
+
+def _why(error: BaseException) -> str:
+    """Why torch.load failed, in one line, never with torch's advice to load with weights_only=False: a
+    checkpoint that needs it was not written by p2p, and loading it so would run whatever code it holds."""
+    text = str(error)
+    if "Weights only load failed" not in text:
+        return one_line(error)
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please|$)", text, re.M)
+    return "it holds objects that a safe load refuses" + (f" ({refused.group(1).strip()})" if refused else "")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """The state saved in checkpoint `path`: loaded (weights_only) only once its bytes match their checksum.
+    ValueError with a one-line reason when they do not, or when it does not load."""
+    data = _verified_bytes(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError, AttributeError) as e:
+        raise ValueError(_why(e)) from None
+
+
 class Checkpointer:
     """Saves a node every `every` epochs and after epoch `last` (never when every = 0), and restores
     it from a checkpoint. Saving the last epoch lets `--run.resume` extend a finished run."""
@@ -124,26 +187,36 @@ class Checkpointer:
                 "sampler": node.loader.sampler.generator.get_state(),
             },
         }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path, data = self._path(epoch), buf.getbuffer()
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(epoch).with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before a name points at them
-        os.replace(tmp, self._path(epoch))  # atomic: the old checkpoints stay until this one exists
-        _fsync_dir(self.dir)  # and so is the rename, before an older checkpoint goes
+        # the checksum first: a checkpoint under its real name always has one (its own, or an older one's that
+        # fails it, if the second rename never happens)
+        _write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+        _write(path, data)  # atomic: the old checkpoints stay until this one exists
+        _fsync_dir(self.dir)  # and so are the renames, before an older checkpoint goes
+        try:  # read back as the file system returns it now: never delete older ones for a checkpoint that fails
+            _verified_bytes(path)
+        except ValueError as e:
+            log.warning("checkpoint %s does not read back as written (%s): keeping the older ones", path, e)
+            return
         for old in self.epochs()[:-self.keep] if self.keep else []:
             self._path(old).unlink(missing_ok=True)
+            checksum_path(self._path(old)).unlink(missing_ok=True)
 
     def readable(self, device: torch.device) -> dict[int, dict]:
-        """This node's newest checkpoints that load, by epoch. One that does not (truncated, corrupt) is
-        skipped with a warning, so the network falls back to an older epoch that every node can read."""
-        states = {}
-        for epoch in self.epochs()[-KEEP:]:
+        """This node's KEEP newest checkpoints that verify and load, by epoch. One that does not (truncated,
+        corrupt, changed) is skipped with a warning naming it, so the network falls back to an older epoch that
+        every node can read."""
+        states: dict[int, dict] = {}
+        for epoch in reversed(self.epochs()):
+            if len(states) == KEEP:
+                break
             try:
-                states[epoch] = torch.load(self._path(epoch), map_location=device, weights_only=True)
-            except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
-                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), one_line(e))
+                states[epoch] = read_checkpoint(self._path(epoch), device)
+            except ValueError as e:
+                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), e)
         return states
 
     def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
