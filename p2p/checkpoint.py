@@ -457,6 +457,17 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
     return progress
 
 
+def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
+    """The line that stops a run whose loss on `who` became NaN or inf in `epoch`: how to go on, which depends on
+    whether any checkpoint was written before it (in epoch 1, or with checkpoint_every 0, none was)."""
+    found = (re.fullmatch(r"node\d+_epoch(\d+)\.pt", p.name) for p in ckpt_dir.glob("node*_epoch*.pt"))
+    saved = [int(m.group(1)) for m in found if m and int(m.group(1)) < epoch]
+    head = f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr"
+    if not saved:
+        return f"{head} and start a new run (no checkpoint was written before epoch {epoch})"
+    return f"{head} and continue with --run.resume (the checkpoints up to epoch {max(saved)} are kept in {ckpt_dir})"
+
+
 def log_start(progress: dict | None) -> None:
     if progress is None:
         log.info("starting at epoch 0")

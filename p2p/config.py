@@ -403,7 +403,10 @@ def validate(cfg: Config) -> None:
          "--sim.drop_prob loses messages in the simulator only: add --sim.nodes N"),
         (cfg.sim.drop_prob == 0 or a.name not in DROP_REFUSED,
          f"--sim.drop_prob does not fit --algorithm.name {a.name}: {DROP_REFUSED.get(a.name)}"),
-        (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
+        # runs/. and runs/.. are not a run's own directory (runs/.. is the working directory)
+        (cfg.run.name.strip() not in ("", ".", "..") and not {"/", "\0"} & set(cfg.run.name),
+         "--run.name must be a plain name, not empty, '.' or '..' and without '/': outputs go to runs/<name> "
+         "(--run.dir PATH puts them anywhere)"),
     ]
     for ok, message in checks:
         if not ok:

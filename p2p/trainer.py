@@ -100,8 +100,7 @@ def drains_at(cfg: Config, epoch: int, ckpt: checkpoint.Checkpointer) -> bool:
 
 
 def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
-    return (f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr; the last good checkpoint "
-            f"is kept in {ckpt_dir}")
+    return checkpoint.nonfinite_message(who, epoch, ckpt_dir)
 
 
 def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
