@@ -333,10 +333,14 @@ def claim(out_dir: Path, agent: str, comm: Comm | None = None) -> None:
     a host whose lock is held by another host of this same job (a directory shared over a network file system)
     goes on. Without `comm` (the simulator) this process alone takes it.
     """
-    got = (comm is not None and comm.env.local_rank != 0) or _OWNER.acquire(out_dir, agent)
+    got, error = True, ""
+    if comm is None or comm.env.local_rank == 0:
+        try:
+            got = _OWNER.acquire(out_dir, agent)
+        except ConfigError as e:  # not a writable directory: every rank stops with this line, not this one alone
+            error = str(e)
     # a collective: every host that got the lock has written its name by the time the others read it
     agents = {a.decode() for a in comm.all_gather_bytes(agent.encode())} if comm is not None else {agent}
-    error = ""
     if not got and (holder := _holder(out_dir)).get("agent") not in agents:
         who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "a process that did not say who"
         error = (f"run directory {out_dir} is in use by another job ({who}): wait for it to end or stop it, or start "

@@ -98,6 +98,25 @@ def test_hosts_of_one_job_share_a_directory_and_another_job_is_refused(tmp_path)
     assert results == [[refused, "ok"], [refused, "ok"]]  # the second time one host holds it, the other shares it
 
 
+def _claim(comm, run: str) -> str:
+    try:
+        claim(Path(run), agent_id(), comm)
+        return "ok"
+    except ConfigError as e:
+        return str(e)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_directory_that_cannot_be_written_stops_every_rank_with_one_line(tmp_path):
+    """Only local rank 0 touches the directory; the others must stop with its line, not wait for it."""
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    assert run_ranks(_claim, 2, str(file), timeout=100) == [
+        f"run directory {file} is a file: pass a directory to --run.dir"] * 2
+    assert _claim(None, str(file / "run")) == (f"cannot write to run directory {file / 'run'} (Not a directory): pick "
+                                               f"another --run.dir or --run.name")
+
+
 def _gone(pid: int) -> bool:
     """Whether `pid` has exited (a zombie nobody reaped yet counts as gone)."""
     try:
