@@ -136,3 +136,24 @@ def test_a_corrupted_checkpoint_resumes_from_the_one_before(tmp_path):
     for key in ("train_loss", "test_loss", "test_acc", "bytes_sent"):
         assert after[2][key] == before[2][key], key  # epoch 3 again, from the same state
     assert read_checkpoint(corrupted)["progress"]["epoch"] == 3  # rewritten, and it verifies
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_leaves_out_an_epoch_whose_checkpoint_fails_in_one_line(tmp_path, capsys):
+    from p2p import evaluate, sim
+    from p2p.config import load_config
+
+    run = tmp_path / "run"
+    sim.run(load_config([*QUICK[1:], "--sim.nodes", "2", "--topology.path=", "--run.dir", str(run), "--train.epochs",
+                         "2", "--train.keep_checkpoints", "0", "--log.tensorboard", "false"]))
+    capsys.readouterr()
+    flip(run / "ckpt" / "node1_epoch2.pt")
+    assert evaluate.main([str(run)]) == 0
+    assert [r["epoch"] for r in csv_rows(run / "network.csv")] == [1]
+    assert capsys.readouterr().err == (
+        f"warning: checkpoint {run / 'ckpt' / 'node1_epoch2.pt'} cannot be read (its SHA-256 differs from "
+        f"node1_epoch2.pt.sha256: the file changed after it was written): epoch 2 left out\n")
+    flip(run / "ckpt" / "node0_epoch1.pt")
+    assert evaluate.main([str(run)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {run}: no epoch whose checkpoints can all be read (see the warnings above)")
