@@ -225,6 +225,10 @@ class Checkpointer:
         Returns its progress ({"epoch", "step", "wall_s", "transport"}); ConfigError when it belongs to another setting.
         """
         path, own_config = self._path(epoch), self.dir.parent / "config.toml"
+        missing = [k for k in ("progress", "model", "algorithm", "bytes_sent", "rng") if k not in state]
+        if missing:  # verified, so written like this: by another program or version
+            raise ConfigError(f"checkpoint {path} is not a checkpoint of this p2p (it has no {', '.join(missing)}): "
+                              f"start a new run with --run.name NAME")
         for key, now in self.fixed.items():
             then = state.get("fixed", {}).get(key, now)  # checkpoints from before this check record nothing
             if then != now:
@@ -233,17 +237,17 @@ class Checkpointer:
         try:  # fails when written by another model or algorithm setting (e.g. --model.hidden)
             node.model.load_state_dict(state["model"])
             node.algorithm.load_state_dict(state["algorithm"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"].cpu())
+            if comm.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), comm.device)
+            _set_numpy_state(rng["numpy"])
+            random.setstate(rng["python"])
+            node.loader.sampler.generator.set_state(rng["sampler"].cpu())
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"checkpoint {path} does not fit this run ({one_line(e)}): resume with the run's own "
                               f"config, {own_config}") from None
         comm.bytes_sent = state["bytes_sent"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if comm.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), comm.device)
-        _set_numpy_state(rng["numpy"])
-        random.setstate(rng["python"])
-        node.loader.sampler.generator.set_state(rng["sampler"].cpu())
         return state["progress"]
 
 

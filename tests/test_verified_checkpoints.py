@@ -157,3 +157,23 @@ def test_evaluate_leaves_out_an_epoch_whose_checkpoint_fails_in_one_line(tmp_pat
     assert evaluate.main([str(run)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: {run}: no epoch whose checkpoints can all be read (see the warnings above)")
+
+
+@pytest.mark.timeout(30)
+def test_a_verified_checkpoint_of_another_structure_is_one_line(tmp_path):
+    """A file that verifies but was written by another program or version: a ConfigError, never a KeyError."""
+    from p2p.config import ConfigError
+
+    ckpt = Checkpointer(tmp_path, 0, every=1, last=1)
+    save(ckpt, range(1, 2))
+    path = tmp_path / "node0_epoch1.pt"
+    state = read_checkpoint(path)
+    for change, message in ((lambda s: {k: v for k, v in s.items() if k != "rng"},
+                             r"is not a checkpoint of this p2p \(it has no rng\): start a new run with --run.name NAME"),
+                            (lambda s: {**s, "rng": {"torch": 1}}, r"does not fit this run \(.+\): resume with")):
+        buf = io.BytesIO()
+        torch.save(change(state), buf)
+        path.write_bytes(buf.getvalue())
+        checksum_path(path).write_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {path.name}\n")
+        with pytest.raises(ConfigError, match=rf"^checkpoint {re.escape(str(path))} .*{message}"):
+            ckpt.load(1, ckpt.readable(torch.device("cpu"))[1], _fake_node(0.0), CPU)
