@@ -9,6 +9,7 @@ import time
 
 STARTED = time.perf_counter()  # before the imports, whose seconds the start-up log line counts
 
+import errno  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -46,6 +47,16 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"error: out of GPU memory ({one_line(e)}): lower --data.batch_size, --sim.nodes or the "
                          f"model\n")
         return 1
+    except OSError as e:  # a full disk: the checkpoints written before are kept (a half-written one is not)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        sys.stderr.write(f"error: cannot write to {e.filename or cfg.out_dir} ({e.strerror}): free some space or pick "
+                         f"another --run.dir\n")
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C (a torchrun job's workers get SIGTERM from their agent instead)
+        sys.stderr.write("error: interrupted (--run.resume continues the run from its newest checkpoint, if it has "
+                         "one)\n")
+        return 130
     return 0
 
 

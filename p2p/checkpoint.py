@@ -94,10 +94,14 @@ def checksum_path(path: Path) -> Path:
 def _write(path: Path, data: bytes | memoryview) -> None:
     """`data` under `path`, atomically: a temporary file, fsynced (on disk before a name points at it), renamed."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, Ctrl-C: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
