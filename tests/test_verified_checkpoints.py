@@ -177,3 +177,18 @@ def test_a_verified_checkpoint_of_another_structure_is_one_line(tmp_path):
         checksum_path(path).write_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {path.name}\n")
         with pytest.raises(ConfigError, match=rf"^checkpoint {re.escape(str(path))} .*{message}"):
             ckpt.load(1, ckpt.readable(torch.device("cpu"))[1], _fake_node(0.0), CPU)
+
+
+@pytest.mark.timeout(30)
+def test_damaged_csv_rows_are_left_out_with_a_warning_when_resuming(tmp_path, caplog):
+    """A row cut short by a crash, undecodable bytes, a field too long for csv: the log never stops a resume."""
+    from p2p.config import LogConfig
+    from p2p.metrics import Metrics, logged_epochs
+
+    path = tmp_path / "node0.csv"
+    path.write_bytes(b"epoch,train_loss\n1,0.5\n2,0.4\n\xff\xfe garbage\n3,0.3,extra\n4,0.2\n" + b"x" * 200_000)
+    assert logged_epochs(tmp_path, 0) == [1, 2, 4]
+    with caplog.at_level(logging.WARNING, logger="p2p"):
+        Metrics(tmp_path, 0, LogConfig(tensorboard=False), resume_epoch=2).close()
+    assert [r["epoch"] for r in csv_rows(path)] == [1, 2]
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: 3 damaged row(s) left out"]
