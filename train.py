@@ -9,10 +9,15 @@ import time
 
 STARTED = time.perf_counter()  # before the imports, whose seconds the start-up log line counts
 
+import errno  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+
+PARENT = os.getppid()  # torchrun's agent, before it has seconds to die unnoticed (checkpoint.follow_agent)
 
 import torch  # noqa: E402
 
+from p2p.checkpoint import follow_agent  # noqa: E402
 from p2p.comm import PeerFailure  # noqa: E402
 from p2p.config import Config, ConfigError, load_config, one_line, to_toml  # noqa: E402
 from p2p.loop import NonFiniteLoss  # noqa: E402
@@ -20,6 +25,7 @@ from p2p.trainer import run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    follow_agent(PARENT)  # under torchrun: stop when the agent dies, however it dies
     if {"-h", "--help"} & set(argv):
         print(__doc__.strip(), "\nThe fields and their defaults (docs/configuration.md):\n", sep="\n")
         print(to_toml(Config()))
@@ -42,6 +48,16 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"error: out of GPU memory ({one_line(e)}): lower --data.batch_size, --sim.nodes or the "
                          f"model\n")
         return 1
+    except OSError as e:  # a full disk: the checkpoints written before are kept (a half-written one is not)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        sys.stderr.write(f"error: cannot write to {e.filename or cfg.out_dir} ({e.strerror}): free some space or pick "
+                         f"another --run.dir\n")
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C (a torchrun job's workers get SIGTERM from their agent instead)
+        sys.stderr.write("error: interrupted (--run.resume continues the run from its newest checkpoint, if it has "
+                         "one)\n")
+        return 130
     return 0
 
 

@@ -3,7 +3,12 @@
 Each node writes `ckpt/node<rank>_epoch<E>.pt` and keeps its two newest: a node can be one
 checkpoint ahead of a peer that died while writing, and the network resumes from the newest epoch
 that *every* node can read. Files are written to a temporary name, fsynced and `os.replace`d, so a
-crash never leaves a half-written checkpoint under a real name, and loaded with weights_only=True.
+crash never leaves a half-written checkpoint under a real name. Each has its SHA-256 beside it
+(`<name>.pt.sha256`): a file whose bytes changed afterwards (a bad disk, a copy, a bit flip) is not
+loaded, however well torch.load would take it, and loading uses weights_only=True.
+
+A run directory belongs to one job at a time: its processes hold `.lock` (RunLock, `claim`) from before they
+read anything in it until they end, and a second job stops with one line naming the holder.
 
 A launch only ever *continues* a run from a checkpoint every node has, or *starts* in a directory
 that holds no results (CSV rows, checkpoints); see `decide`. A torchrun restart is recognised by
@@ -18,13 +23,21 @@ counter could not tell these apart, and it is per host.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
+import io
 import json
 import logging
 import os
 import pickle
 import random
 import re
+import signal
 import socket
+import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +52,7 @@ from p2p.node import Node
 log = logging.getLogger("p2p")
 KEEP = 2
 MARKER = "started_by"
+LOCK = ".lock"  # held by the job that owns the run directory (RunLock)
 # What a resumed run may not change: the saved state, step count and data order only mean something with them.
 FIXED = ("data.name", "data.partition", "data.alpha", "data.classes_per_node", "data.class_shift", "data.val_fraction",
          "data.data_seed", "data.batch_size", "data.samples_per_epoch", "algorithm.name", "algorithm.interval",
@@ -70,6 +84,69 @@ def _numpy_state() -> dict:
 
 def _set_numpy_state(s: dict) -> None:
     np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+
+
+def checksum_path(path: Path) -> Path:
+    """A checkpoint's checksum file, `<name>.pt.sha256`, in `sha256sum -c` format."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    """`data` under `path`, atomically: a temporary file, fsynced (on disk before a name points at it), renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, Ctrl-C: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _verified_bytes(path: Path) -> bytes:
+    """The bytes of checkpoint `path` once their SHA-256 matches its checksum file; ValueError(reason) when not.
+
+    A checkpoint without a checksum file, from before p2p wrote them, is accepted with a warning: refusing it
+    would strand every older run, and its loading still has to succeed.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(e.strerror) from None
+    side = checksum_path(path)
+    try:
+        expected = side.read_text().split()[0]
+    except FileNotFoundError:
+        log.warning("checkpoint %s has no checksum (%s; written before p2p wrote them): loading it unverified",
+                    path, side.name)
+        return data
+    except (OSError, UnicodeDecodeError, IndexError):
+        raise ValueError(f"its checksum file {side.name} cannot be read") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"its SHA-256 differs from {side.name}: the file changed after it was written")
+    return data
+
+
+def _why(error: BaseException) -> str:
+    """Why torch.load failed, in one line, never with torch's advice to load with weights_only=False: a
+    checkpoint that needs it was not written by p2p, and loading it so would run whatever code it holds."""
+    text = str(error)
+    if "Weights only load failed" not in text:
+        return one_line(error)
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please|$)", text, re.M)
+    return "it holds objects that a safe load refuses" + (f" ({refused.group(1).strip()})" if refused else "")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """The state saved in checkpoint `path`: loaded (weights_only) only once its bytes match their checksum.
+    ValueError with a one-line reason when they do not, or when it does not load."""
+    data = _verified_bytes(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError, AttributeError) as e:
+        raise ValueError(_why(e)) from None
 
 
 class Checkpointer:
@@ -115,26 +192,36 @@ class Checkpointer:
                 "sampler": node.loader.sampler.generator.get_state(),
             },
         }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path, data = self._path(epoch), buf.getbuffer()
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(epoch).with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before a name points at them
-        os.replace(tmp, self._path(epoch))  # atomic: the old checkpoints stay until this one exists
-        _fsync_dir(self.dir)  # and so is the rename, before an older checkpoint goes
+        # the checksum first: a checkpoint under its real name always has one (its own, or an older one's that
+        # fails it, if the second rename never happens)
+        _write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+        _write(path, data)  # atomic: the old checkpoints stay until this one exists
+        _fsync_dir(self.dir)  # and so are the renames, before an older checkpoint goes
+        try:  # read back as the file system returns it now: never delete older ones for a checkpoint that fails
+            _verified_bytes(path)
+        except ValueError as e:
+            log.warning("checkpoint %s does not read back as written (%s): keeping the older ones", path, e)
+            return
         for old in self.epochs()[:-self.keep] if self.keep else []:
             self._path(old).unlink(missing_ok=True)
+            checksum_path(self._path(old)).unlink(missing_ok=True)
 
     def readable(self, device: torch.device) -> dict[int, dict]:
-        """This node's newest checkpoints that load, by epoch. One that does not (truncated, corrupt) is
-        skipped with a warning, so the network falls back to an older epoch that every node can read."""
-        states = {}
-        for epoch in self.epochs()[-KEEP:]:
+        """This node's KEEP newest checkpoints that verify and load, by epoch. One that does not (truncated,
+        corrupt, changed) is skipped with a warning naming it, so the network falls back to an older epoch that
+        every node can read."""
+        states: dict[int, dict] = {}
+        for epoch in reversed(self.epochs()):
+            if len(states) == KEEP:
+                break
             try:
-                states[epoch] = torch.load(self._path(epoch), map_location=device, weights_only=True)
-            except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, ValueError) as e:
-                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), one_line(e))
+                states[epoch] = read_checkpoint(self._path(epoch), device)
+            except ValueError as e:
+                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), e)
         return states
 
     def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
@@ -143,6 +230,10 @@ class Checkpointer:
         Returns its progress ({"epoch", "step", "wall_s"}); ConfigError when it belongs to another setting.
         """
         path, own_config = self._path(epoch), self.dir.parent / "config.toml"
+        missing = [k for k in ("progress", "model", "optimizer", "bytes_sent", "rng") if k not in state]
+        if missing:  # verified, so written like this: by another program or version
+            raise ConfigError(f"checkpoint {path} is not a checkpoint of this p2p (it has no {', '.join(missing)}): "
+                              f"start a new run with --run.name NAME")
         for key, now in self.fixed.items():
             then = state.get("fixed", {}).get(key, now)  # checkpoints from before this check record nothing
             if then != now:
@@ -153,17 +244,17 @@ class Checkpointer:
             node.optimizer.load_state_dict(state["optimizer"])
             if node.scheduler is not None:
                 node.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"].cpu())
+            if comm.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), comm.device)
+            _set_numpy_state(rng["numpy"])
+            random.setstate(rng["python"])
+            node.loader.sampler.generator.set_state(rng["sampler"].cpu())
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"checkpoint {path} does not fit this run ({one_line(e)}): resume with the run's own "
                               f"config, {own_config}") from None
         comm.bytes_sent = state["bytes_sent"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if comm.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), comm.device)
-        _set_numpy_state(rng["numpy"])
-        random.setstate(rng["python"])
-        node.loader.sampler.generator.set_state(rng["sampler"].cpu())
         return state["progress"]
 
 
@@ -180,11 +271,118 @@ def agent_id() -> str:
     return f"{socket.gethostname()} pid {ppid} started {started} rdzv {os.environ['TORCHELASTIC_RUN_ID']}"
 
 
+class RunLock:
+    """Who owns a run directory: an exclusive POSIX record lock (lockf) on `<dir>/.lock`, held until the holding
+    process ends, however it ends: the kernel (or the NFS server) drops it then, so a crash leaves no stale owner
+    behind, as a marker file would. The file names its holder, for the message of whoever is refused.
+
+    A POSIX lock belongs to the process and goes with *any* close of the file by that process, so the holder
+    opens it once and keeps it open; a process owns one run directory at a time (claiming another releases the
+    first), so runs one after another in one process (tests, sweeps) do not pile up open files.
+    """
+
+    def __init__(self) -> None:
+        self.file = None  # the open lock file while held
+        self.dir: Path | None = None
+
+    def acquire(self, out_dir: Path, agent: str) -> bool:
+        """Take the lock of `out_dir` (creating both), writing this process's identity into it; False when
+        another process holds it. ConfigError when the directory cannot be written."""
+        if self.dir == out_dir.resolve():
+            return True  # already ours: an in-process run after another one here
+        self.release()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise ConfigError(f"run directory {out_dir} is a file: pass a directory to --run.dir") from None
+        except OSError as e:
+            raise ConfigError(f"cannot write to run directory {out_dir} ({e.strerror}): pick another --run.dir or "
+                              f"--run.name") from None
+        file = os.fdopen(fd, "r+")
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                file.close()  # this process holds no lock on it: closing drops nothing
+                return False
+            log.warning("cannot lock run directory %s (%s): another job could write into it at the same time",
+                        out_dir, e.strerror)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "agent": agent}
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(holder) + "\n")
+        file.flush()
+        os.fsync(file.fileno())  # on a shared file system, other hosts read it after the next collective
+        self.file, self.dir = file, out_dir.resolve()
+        return True
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = self.dir = None
+
+
+_OWNER = RunLock()  # this process's run directory
+
+
+def _holder(out_dir: Path) -> dict:
+    """The holder that `<dir>/.lock` names; {} when it cannot be read (or is still being written)."""
+    for _ in range(20):  # a holder that took the lock this instant writes its name right after
+        try:
+            return json.loads((out_dir / LOCK).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {}
+
+
+def claim(out_dir: Path, agent: str, comm: Comm | None = None) -> None:
+    """Own `out_dir` for this job until its processes end: ConfigError on every rank, naming the holder, when
+    another job owns it. Call before reading or writing anything in it.
+
+    With `comm` every rank calls it. Ranks of one host share a directory, so only local rank 0 takes the lock;
+    a host whose lock is held by another host of this same job (a directory shared over a network file system)
+    goes on. Without `comm` (the simulator) this process alone takes it.
+    """
+    got, error = True, ""
+    if comm is None or comm.env.local_rank == 0:
+        try:
+            got = _OWNER.acquire(out_dir, agent)
+        except ConfigError as e:  # not a writable directory: every rank stops with this line, not this one alone
+            error = str(e)
+    # a collective: every host that got the lock has written its name by the time the others read it
+    agents = {a.decode() for a in comm.all_gather_bytes(agent.encode())} if comm is not None else {agent}
+    if not got and (holder := _holder(out_dir)).get("agent") not in agents:
+        who = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "a process that did not say who"
+        error = (f"run directory {out_dir} is in use by another job ({who}): wait for it to end or stop it, or start "
+                 f"a new run with --run.name NAME")
+    if comm is not None:
+        comm.agree(error)
+    elif error:
+        raise ConfigError(error)
+
+
+def follow_agent(agent_pid: int) -> None:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker when its agent dies.
+
+    A SIGKILLed agent (OOM killer, scancel -9) cannot stop its workers, which run in sessions of their own, so
+    without this they would go on training and holding the run directory. `agent_pid`: the parent's pid, read
+    when the process began; if it is no longer the parent, the agent died before the kernel was told.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the torchrun agent (%s)", os.strerror(ctypes.get_errno()))
+    elif os.getppid() != agent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @dataclass
 class Facts:
     """What one node sees of the run directory; gathered from every node before anything is decided."""
 
-    nonempty: bool  # the directory exists and holds anything
+    nonempty: bool  # the directory exists and holds anything but its lock
     ours: bool  # `started_by` lists this node's agent: an earlier attempt of this job began training here
     agent: str  # this node's agent (agent_id)
     logged: list[int]  # epochs in node<rank>.csv
@@ -237,7 +435,7 @@ def node_facts(out_dir: Path, rank: int, ckpt: Checkpointer, device: torch.devic
     """What node `rank` sees of `out_dir`, and its readable checkpoints by epoch."""
     marker = out_dir / MARKER
     states = ckpt.readable(device)
-    return Facts(nonempty=out_dir.is_dir() and any(out_dir.iterdir()),
+    return Facts(nonempty=out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()),
                  ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
                  logged=logged_epochs(out_dir, rank), saved=ckpt.epochs(), readable=sorted(states)), states
 
@@ -256,7 +454,9 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
     Returns the progress ({"epoch", "step", "wall_s"}) of the checkpoint it continues from, None when
     it starts at epoch 0. Call right after joining the process group, before writing anything.
     """
-    mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent_id())
+    agent = agent_id()
+    claim(out_dir, agent, comm)
+    mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent)
     facts = [Facts(**json.loads(b)) for b in comm.all_gather_bytes(json.dumps(asdict(mine)).encode())]
     epoch = decide(facts, resume, out_dir)
     progress, error = None, ""
@@ -270,6 +470,17 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
         mark_started(out_dir, facts, comm.rank)
     log_start(progress)
     return progress
+
+
+def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
+    """The line that stops a run whose loss on `who` became NaN or inf in `epoch`: how to go on, which depends on
+    whether any checkpoint was written before it (in epoch 1, or with checkpoint_every 0, none was)."""
+    found = (re.fullmatch(r"node\d+_epoch(\d+)\.pt", p.name) for p in ckpt_dir.glob("node*_epoch*.pt"))
+    saved = [int(m.group(1)) for m in found if m and int(m.group(1)) < epoch]
+    head = f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr"
+    if not saved:
+        return f"{head} and start a new run (no checkpoint was written before epoch {epoch})"
+    return f"{head} and continue with --run.resume (the checkpoints up to epoch {max(saved)} are kept in {ckpt_dir})"
 
 
 def log_start(progress: dict | None) -> None:

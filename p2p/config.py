@@ -140,7 +140,7 @@ class LogConfig:
 
 @dataclass
 class SimConfig:
-    nodes: int = 0  # simulate this many nodes in one process (python train.py, no torchrun); 0 = off
+    nodes: int = 0  # simulate this many nodes in one process (python train.py, no torchrun), at most 4096; 0 = off
     step_s: float = 0.01  # virtual seconds of one local step (plus train.step_delay draws): the clocks of async
     latency_s: float = 0.0  # virtual seconds for an exchange to complete once both ends posted it
     drop_prob: float = 0.0  # lose each message (edge, direction, exchange) with this probability, seeded by run.seed
@@ -363,6 +363,10 @@ DROP_REFUSED = {
     "ed": "ed needs every peer's phi_j each round: a lost one breaks sum_i (x_i - psi_i) = 0",
 }
 
+# The most nodes one process simulates (docs/simulation.md measures up to 256): a bound checked before anything
+# of that size is built, so that a mistyped --sim.nodes fails at once instead of running out of memory
+MAX_SIM_NODES = 4096
+
 # Rules whose local step is a torch optimizer, so --algorithm.optimizer may replace SGD
 TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip", "choco")
 
@@ -428,6 +432,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.sim.nodes >= 0, "--sim.nodes must be >= 0 (0 = no simulation: one process per node)"),
+        (cfg.sim.nodes <= MAX_SIM_NODES, f"--sim.nodes must be <= {MAX_SIM_NODES}: one process holds every node"),
         (cfg.sim.step_s >= 0 and finite(cfg.sim.step_s), "--sim.step_s must be >= 0 and finite (virtual seconds)"),
         (cfg.sim.latency_s >= 0 and finite(cfg.sim.latency_s),
          "--sim.latency_s must be >= 0 and finite (virtual seconds)"),
@@ -436,7 +441,10 @@ def validate(cfg: Config) -> None:
          "--sim.drop_prob loses messages in the simulator only: add --sim.nodes N"),
         (cfg.sim.drop_prob == 0 or a.name not in DROP_REFUSED,
          f"--sim.drop_prob does not fit --algorithm.name {a.name}: {DROP_REFUSED.get(a.name)}"),
-        (cfg.run.name.strip() != "" and "/" not in cfg.run.name, "--run.name must be a non-empty name without '/'"),
+        # runs/. and runs/.. are not a run's own directory (runs/.. is the working directory)
+        (cfg.run.name.strip() not in ("", ".", "..") and not {"/", "\0"} & set(cfg.run.name),
+         "--run.name must be a plain name, not empty, '.' or '..' and without '/': outputs go to runs/<name> "
+         "(--run.dir PATH puts them anywhere)"),
     ]
     for ok, message in checks:
         if not ok:

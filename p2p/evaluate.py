@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from p2p.algorithms import FlatParams
-from p2p.config import ConfigError, load_config
+from p2p.checkpoint import read_checkpoint
+from p2p.config import ConfigError, load_config, one_line
 from p2p.data import eval_loader, load_splits
 from p2p.models import build_model
 from p2p.loop import evaluate
@@ -38,6 +39,16 @@ def checkpoints(run_dir: Path) -> dict[int, dict[int, Path]]:
     return {epoch: files for epoch, files in sorted(found.items()) if set(files) == ranks}
 
 
+def _weights(model: torch.nn.Module, flat: FlatParams, path: Path) -> torch.Tensor:
+    """The trainable weights saved in checkpoint `path`, verified against its checksum first, as a resume does;
+    ValueError naming the file when it cannot be read."""
+    try:
+        model.load_state_dict(read_checkpoint(path)["model"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({one_line(e)})") from None
+    return flat.w.clone()
+
+
 def evaluate_run(run_dir: Path) -> list[dict[str, float]]:
     """One row per epoch that every node checkpointed (COLUMNS); ConfigError when there is none."""
     config = run_dir / "config.toml"
@@ -53,16 +64,18 @@ def evaluate_run(run_dir: Path) -> list[dict[str, float]]:
     test = eval_loader(splits.test, 1000)
     rows = []
     for epoch, files in epochs.items():
-        ws = []
-        for rank in sorted(files):
-            model.load_state_dict(torch.load(files[rank], map_location="cpu", weights_only=True)["model"])
-            ws.append(flat.w.clone())
-        W = torch.stack(ws)
+        try:
+            W = torch.stack([_weights(model, flat, files[rank]) for rank in sorted(files)])
+        except ValueError as e:
+            sys.stderr.write(f"warning: {e}: epoch {epoch} left out\n")
+            continue
         w_bar = W.mean(0)
         flat.w.copy_(w_bar)  # as the trainer: only trainable parameters are averaged
         loss, acc = evaluate(model, test, torch.device("cpu"))
         rows.append({"epoch": epoch, "consensus_dist": (W - w_bar).pow(2).sum(1).mean().item(),
                      "avg_test_loss": loss, "avg_test_acc": acc})
+    if not rows:
+        raise ConfigError(f"{run_dir}: no epoch whose checkpoints can all be read (see the warnings above)")
     return rows
 
 

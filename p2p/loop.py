@@ -86,16 +86,11 @@ def step_delays(cfg: Config, rank: int, epoch: int) -> Iterator[float] | None:
     return iter(lambda: float(rng.exponential(t.step_delay)), None)
 
 
-def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
-    return (f"non-finite training loss on {who} in epoch {epoch}: lower --algorithm.lr; the last good checkpoint "
-            f"is kept in {ckpt_dir}")
-
-
 def stop_if_nonfinite(train_losses: list[float], epoch: int, ckpt_dir: Path) -> None:
     """NonFiniteLoss naming the nodes whose training loss (by rank, every node's) is NaN or inf."""
     bad = [rank for rank, loss in enumerate(train_losses) if not np.isfinite(loss)]
     if bad:
-        raise NonFiniteLoss(nonfinite_message(f"node(s) {bad}", epoch, ckpt_dir))
+        raise NonFiniteLoss(checkpoint.nonfinite_message(f"node(s) {bad}", epoch, ckpt_dir))
 
 
 def drains_at(cfg: Config, epoch: int, ckpt: checkpoint.Checkpointer) -> bool:

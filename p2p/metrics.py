@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
 from p2p.config import LogConfig
+
+log = logging.getLogger("p2p")
 
 # The seed's columns first, then ours.
 COLUMNS = [
@@ -31,13 +34,26 @@ GLOBAL_TAGS = {
 }
 
 
+def _rows(path: Path) -> tuple[list[dict[str, str]], int]:
+    """The rows of a node's CSV whose epoch is a whole number, and how many others it holds (a row cut short by a
+    crash, damaged bytes). Neither stops a resume: the checkpoints decide where a run continues, not its log."""
+    rows, bad = [], 0
+    with path.open(newline="", errors="replace") as f:
+        try:
+            for row in csv.DictReader(f):
+                if (row.get("epoch") or "").isdigit() and None not in row:  # None: more fields than the header
+                    rows.append(row)
+                else:
+                    bad += 1
+        except csv.Error:  # e.g. a field over csv's size limit: the rest cannot be split into rows
+            bad += 1
+    return rows, bad
+
+
 def logged_epochs(out_dir: Path, rank: int) -> list[int]:
     """The epochs node<rank>.csv holds: results, which no launch may overwrite without continuing them."""
     path = out_dir / f"node{rank}.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return sorted({int(r["epoch"]) for r in csv.DictReader(f) if (r.get("epoch") or "").isdigit()})
+    return sorted({int(r["epoch"]) for r in _rows(path)[0]}) if path.is_file() else []
 
 
 class CSVLogger:
@@ -47,8 +63,10 @@ class CSVLogger:
         self.path = path
         rows = []
         if resume_epoch is not None and path.exists():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+            rows, bad = _rows(path)
+            rows = [r for r in rows if int(r["epoch"]) <= resume_epoch]
+            if bad:
+                log.warning("%s: %d damaged row(s) left out", path, bad)
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()

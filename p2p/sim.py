@@ -294,6 +294,7 @@ def _begin(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer]) -
     """checkpoint.begin for all nodes at once: continue from the newest checkpoint every node can read, or
     start, by the same `decide`; returns each node's progress, or None at epoch 0."""
     agent = checkpoint.agent_id()
+    checkpoint.claim(cfg.out_dir, agent)  # one job per run directory, for as long as this process lives
     found = [checkpoint.node_facts(cfg.out_dir, k, ckpts[k], sim.device, agent) for k in range(sim.n)]
     facts = [f for f, _ in found]
     epoch = checkpoint.decide(facts, cfg.run.resume, cfg.out_dir)

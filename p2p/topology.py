@@ -21,10 +21,13 @@ import networkx as nx
 import numpy as np
 
 from p2p.config import ConfigError, TopologyConfig
-from p2p.topology_files import is_int, read_topology_file
+from p2p.topology_files import is_int, read_topology_file, size_mismatch
 
 GENERATORS = ("ring", "torus", "complete", "star", "exponential", "random_regular", "one_peer_hypercube",
               "exponential_schedule")
+# The most edges a generated graph may have, checked before it is built: `complete` on 100 000 nodes would
+# need 5e9 (and every rule keeps state per edge). A connected graph has at least n - 1 edges, so this bounds n too.
+MAX_EDGES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,9 @@ def generate(name: str, n: int, degree: int = 3, seed: int = 0) -> Topology:
         raise ConfigError(f"--topology.name: unknown topology {name!r}; choose one of {', '.join(GENERATORS)}")
     if not is_int(n) or n < 1:
         raise ConfigError(f"--topology.n: a {name} topology needs at least 1 node, got {n!r}")
+    if (edges := _max_edges(name, n, degree)) > MAX_EDGES:
+        raise ConfigError(f"a {name} topology on {n} nodes has up to {edges} edges, more than the {MAX_EDGES} p2p "
+                          f"builds: pick a sparser --topology.name (ring, torus, exponential) or fewer nodes")
     source = f"{name}(n={n})"
     if name == "ring":
         edges = [(i, (i + 1) % n) for i in range(n) if n > 1]
@@ -260,6 +266,13 @@ def generate(name: str, n: int, degree: int = 3, seed: int = 0) -> Topology:
 
 
 
+def _max_edges(name: str, n: int, degree: int) -> int:
+    """How many edges `generate` may build for this graph at most, computed without building it."""
+    log_n = max(1, (n - 1).bit_length())
+    return {"complete": n * (n - 1) // 2, "torus": 2 * n, "random_regular": n * max(degree, 0) // 2,
+            "exponential": n * log_n, "one_peer_hypercube": n * log_n, "exponential_schedule": n * log_n}.get(name, n)
+
+
 def _time_varying(name: str, n: int) -> Topology:
     """one_peer_hypercube: round r pairs i with i XOR 2^(r mod log2 n) (n a power of two), so pairwise
     averaging averages the network exactly in log2 n rounds. exponential_schedule: round r links
@@ -276,19 +289,20 @@ def _time_varying(name: str, n: int) -> Topology:
     return _make(n, [e for graph in rounds for e in graph], f"{name}(n={n})", schedule=rounds)
 
 
-def load_topology(path: str | Path) -> Topology:
-    """Read our JSON format or the seed's node_list.json; every problem is a one-line ConfigError."""
-    return _make(**read_topology_file(path))
+def load_topology(path: str | Path, world_size: int | None = None) -> Topology:
+    """Read our JSON format or the seed's node_list.json; every problem is a one-line ConfigError. With
+    `world_size`, a file of another size is refused before anything of its size is built."""
+    return _make(**read_topology_file(path, world_size))
 
 
 def build_topology(cfg: TopologyConfig, world_size: int) -> Topology:
-    """The run's topology: cfg.path if set, else the generator; its size must match the world."""
-    topo = load_topology(cfg.path) if cfg.path else generate(cfg.name, cfg.n or world_size, cfg.degree, cfg.seed)
-    if topo.n != world_size:
-        raise ConfigError(f"topology {topo.source} has {topo.n} nodes but the world size is {world_size}: "
-                          f"launch with --nproc_per_node {topo.n} (simulated: --sim.nodes {topo.n}) or pick another "
-                          f"topology")
-    return topo
+    """The run's topology: cfg.path if set, else the generator; its size must match the world, which is checked
+    before the graph is built, so that a size typed or written by mistake fails at once, not out of memory."""
+    if cfg.path:
+        return load_topology(cfg.path, world_size)
+    if cfg.n and cfg.n != world_size:
+        raise size_mismatch(f"{cfg.name}(n={cfg.n})", cfg.n, world_size)
+    return generate(cfg.name, world_size, cfg.degree, cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> None:

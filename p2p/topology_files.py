@@ -23,7 +23,12 @@ def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _load_ours(data: dict, where: str, source: str) -> dict:
+def size_mismatch(source: str, n: int, world_size: int) -> ConfigError:
+    return ConfigError(f"topology {source} has {n} nodes but the world size is {world_size}: launch with "
+                       f"--nproc_per_node {n} (simulated: --sim.nodes {n}) or pick another topology")
+
+
+def _load_ours(data: dict, where: str, source: str, world_size: int | None) -> dict:
     """{"n": 4, "edges": [[0, 1], ...], "weights": [[0, 1, 0.33], ...], "round": 8, "slots": [[0, 1, 3], ...]},
     or a time-varying graph {"n": 4, "schedule": [{"edges": [[0, 1], [2, 3]]}, {"edges": [[0, 2], ...]}, ...]}
     whose union is the graph ("edges", if given too, must be that union). Everything but n and edges (or
@@ -35,6 +40,8 @@ def _load_ours(data: dict, where: str, source: str) -> dict:
     n = data.get("n")
     if not is_int(n) or n < 1:
         raise ConfigError(f'{where}: "n" must be a positive integer, got {n!r}')
+    if world_size is not None and n != world_size:  # before anything of size n is built
+        raise size_mismatch(source, n, world_size)
     schedule = _read_rounds(data["schedule"], n, where) if "schedule" in data else None
     if schedule is not None and "slots" in data:
         raise ConfigError(f'{where}: "schedule" and "slots" both say when edges are active; keep one')
@@ -151,7 +158,7 @@ def _read_slots(data: dict, edge_set: set[tuple[int, int]], where: str) -> tuple
     return round_, slots
 
 
-def _load_node_list(data: dict, where: str, source: str) -> dict:
+def _load_node_list(data: dict, where: str, source: str, world_size: int | None) -> dict:
     """The seed's node list, in either shape; ranks follow the file's order:
 
         {"nodes": {"node0": {"device": "cuda", "round": 10, "edges": {"node2": 0, "node1": 4}}, ...}}
@@ -171,6 +178,8 @@ def _load_node_list(data: dict, where: str, source: str) -> dict:
     else:
         raise ConfigError(f'{where}: "nodes" must be an object keyed by node name or a non-empty list of objects '
                           f'with a "name" string')
+    if world_size is not None and len(named) != world_size:
+        raise size_mismatch(source, len(named), world_size)
     rank = {name: r for r, (name, _) in enumerate(named)}
     if len(rank) != len(named):
         raise ConfigError(f"{where}: node names are not unique")
@@ -221,9 +230,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def read_topology_file(path: str | Path) -> dict:
+def read_topology_file(path: str | Path, world_size: int | None = None) -> dict:
     """The checked fields of our JSON format or the seed's node_list.json, as keyword arguments of
-    `p2p.topology._make` (n, edges, source and optional weights, round, slots, schedule)."""
+    `p2p.topology._make` (n, edges, source and optional weights, round, slots, schedule).
+
+    With `world_size`, a file of another size is refused as soon as its size is read, before anything of
+    that size is built: a few bytes can declare 100 000 000 nodes.
+    """
     where = f"topology file {path}"
     if not Path(path).is_file():
         raise ConfigError(f"{where} not found")
@@ -234,8 +247,8 @@ def read_topology_file(path: str | Path) -> dict:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if isinstance(data, dict) and "nodes" in data:
-        return _load_node_list(data, where, str(path))
+        return _load_node_list(data, where, str(path), world_size)
     if isinstance(data, dict) and ("edges" in data or "schedule" in data):
-        return _load_ours(data, where, str(path))
+        return _load_ours(data, where, str(path), world_size)
     raise ConfigError(f'{where}: expected {{"n": ..., "edges": [...]}} or {{"nodes": ...}}')
 

@@ -17,8 +17,8 @@ from p2p import checkpoint, plots
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
 from p2p.config import Config, config_lines
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (NonFiniteLoss, drains_at, evaluate, log_epoch, loss_function, network, nonfinite_message,
-                      optimizer_kwargs, scheduler, start_run_dir, step_delays, stop_if_nonfinite)
+from p2p.loop import (NonFiniteLoss, drains_at, evaluate, log_epoch, loss_function, network, optimizer_kwargs,
+                      scheduler, start_run_dir, step_delays, stop_if_nonfinite)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.network import Network
@@ -194,8 +194,8 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                     node.transport.drain()
             except NetworkStop as e:  # async: a node stopped the run; pass it on, then stop
                 node.transport.announce_stop(e.origin)
-                raise NonFiniteLoss(nonfinite_message(f"node {e.origin} (heard from neighbour {e.peer})", epoch,
-                                                      ckpt.dir)) from None
+                raise NonFiniteLoss(checkpoint.nonfinite_message(f"node {e.origin} (heard from neighbour {e.peer})",
+                                                                 epoch, ckpt.dir)) from None
             train_s = time.perf_counter() - t_epoch
             row = {**node.transport.epoch_stats(), "epoch": epoch, "train_loss": loss_sum.item() / steps_per_epoch,
                    "train_acc": correct.item() / n_seen, "lr": lr, "bytes_sent": comm.bytes_sent,
@@ -208,7 +208,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                 stop_if_nonfinite([loss[0] for loss in comm.all_gather_floats([row["train_loss"]])], epoch, ckpt.dir)
             elif not np.isfinite(row["train_loss"]):
                 node.transport.announce_stop(env.rank)
-                raise NonFiniteLoss(nonfinite_message(f"node {env.rank}", epoch, ckpt.dir))
+                raise NonFiniteLoss(checkpoint.nonfinite_message(f"node {env.rank}", epoch, ckpt.dir))
 
             # evaluate the node and the network (async: the node alone until the end)
             if meets or last:

@@ -60,15 +60,16 @@ def test_quickstart_under_torchrun(tmp_path):
     assert cfg.run.dir == str(run_dir) and cfg.log.progress is False
     assert (run_dir / "topology.json").is_file() and (run_dir / "curves.png").stat().st_size > 0
 
-    # a second launch into the same directory refuses, in one line, and touches nothing
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    # a second launch into the same directory refuses, in one line, and touches nothing (but `.lock`, "[!.]*",
+    # which then names it as the last launch that claimed the directory)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("[!.]*") if p.is_file()}
     proc = launch([sys.executable, "train.py", "--config", "configs/quickstart.toml", "--train.epochs", "1",
                     "--run.dir", str(run_dir), "--log.progress", "false"], timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: run directory") and "already exists" in lines[0], proc.stderr
     assert "--run.resume" in lines[0]
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("[!.]*") if p.is_file()}
     assert after == before
 
 

@@ -294,7 +294,8 @@ def test_resume_continues_each_epoch_once(reference, tmp_path):
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    """Every file but `.lock`, which names the last launch that claimed the directory (checkpoint.RunLock)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 @pytest.mark.timeout(300)

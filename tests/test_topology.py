@@ -422,7 +422,7 @@ def test_build_topology(tmp_path):
     with pytest.raises(ConfigError, match="ring4.json has 4 nodes but the world size is 8: launch with "
                                           r"--nproc_per_node 4 \(simulated: --sim.nodes 4\) or pick another topology"):
         build_topology(TopologyConfig(path=str(ROOT / "topologies/ring4.json")), 8)
-    with pytest.raises(ConfigError, match="^topology torus\\(n=16, 4x4\\) has 16 nodes but the world size is 4"):
+    with pytest.raises(ConfigError, match="^topology torus\\(n=16\\) has 16 nodes but the world size is 4"):
         build_topology(TopologyConfig(name="torus", n=16), 4)
 
 
