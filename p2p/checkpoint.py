@@ -24,6 +24,7 @@ counter could not tell these apart, and it is per host.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -48,23 +49,31 @@ from p2p.comm import Comm
 from p2p.config import Config, ConfigError, one_line
 from p2p.metrics import logged_epochs
 from p2p.node import Node
+from p2p.topology import Topology
 
 log = logging.getLogger("p2p")
 KEEP = 2
 MARKER = "started_by"
 LOCK = ".lock"  # held by the job that owns the run directory (RunLock)
-# What a resumed run may not change: the saved state, step count and data order only mean something with them.
-FIXED = ("data.name", "data.partition", "data.alpha", "data.classes_per_node", "data.class_shift", "data.val_fraction",
-         "data.data_seed", "data.batch_size", "data.samples_per_epoch", "algorithm.name", "algorithm.interval",
-         "model.name")
+# What a resumed run may change: where and how it runs and logs, and how long. Everything else decides what the
+# earlier epochs' rows mean (the data, its order, the model, the rule and its settings, the graph, the timing), so
+# a resume that changes it is refused with one line naming the field: the run directory stays one experiment's
+# record (docs/faults.md, "What a resume may change"). train.epochs may grow, or shrink to no fewer than are done.
+MAY_CHANGE = ("run.name", "run.dir", "run.device", "run.resume", "data.root", "data.download", "data.workers",
+              "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "comm.backend",
+              "comm.timeout_s", "log.tensorboard", "log.csv", "log.level", "log.progress", "log.plots", "sim.nodes")
 
 
-def fixed_fields(cfg: Config, world_size: int) -> dict[str, object]:
-    """The values of FIXED and the world size, recorded in every checkpoint and compared on resume."""
+def fixed_fields(cfg: Config, world_size: int, topology: Topology | None = None) -> dict[str, object]:
+    """Every field a resume may not change (all but MAY_CHANGE), the world size and the graph: recorded in every
+    checkpoint and compared on resume."""
     fields: dict[str, object] = {"world size": world_size}
-    for flag in FIXED:
-        section, key = flag.split(".")
-        fields[f"--{flag}"] = getattr(getattr(cfg, section), key)
+    if topology is not None:
+        fields["topology"] = topology.fingerprint().removeprefix("topology graph = ")
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            if f"{section.name}.{key}" not in MAY_CHANGE:
+                fields[f"--{section.name}.{key}"] = value
     return fields
 
 
@@ -234,6 +243,10 @@ class Checkpointer:
         if missing:  # verified, so written like this: by another program or version
             raise ConfigError(f"checkpoint {path} is not a checkpoint of this p2p (it has no {', '.join(missing)}): "
                               f"start a new run with --run.name NAME")
+        done = state["progress"]["epoch"]
+        if done > self.last:  # a finished run must not become "done/last, unfinished"
+            raise ConfigError(f"checkpoint {path} has {done} epochs done, this launch asks for --train.epochs "
+                              f"{self.last}: resume with --train.epochs {done} or more")
         for key, now in self.fixed.items():
             then = state.get("fixed", {}).get(key, now)  # checkpoints from before this check record nothing
             if then != now:

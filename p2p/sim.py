@@ -327,8 +327,9 @@ def run(cfg: Config) -> dict[str, float]:
     shards = partition(splits.train_labels, n, cfg.data)
     torch.manual_seed(cfg.run.seed)  # dropout of every node, drawn per node by vmap
     sim = Simulation(cfg, topology, splits, shards, device)
-    ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs,
-                                     checkpoint.fixed_fields(cfg, n), tcfg.keep_checkpoints) for k in range(n)]
+    fixed = checkpoint.fixed_fields(cfg, n, topology)
+    ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs, fixed,
+                                     tcfg.keep_checkpoints) for k in range(n)]
     progress = _begin(cfg, sim, ckpts)
     start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1])
     if sim.optimizers[0].slots_line.startswith("async"):

@@ -126,7 +126,8 @@ def run(cfg: Config, started: float | None = None) -> None:
         # the same config on every rank, then continue the run or start one: decided together, before any write
         comm.check_same(config_lines(cfg) + [topology.fingerprint()])
         ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs,
-                                       checkpoint.fixed_fields(cfg, env.world_size), cfg.train.keep_checkpoints)
+                                       checkpoint.fixed_fields(cfg, env.world_size, topology),
+                                       cfg.train.keep_checkpoints)
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
