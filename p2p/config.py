@@ -44,10 +44,10 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | fashionmnist | cifar10 | module:callable (your own, docs/library.md)
+    name: str = "digits"  # digits | mnist | fashionmnist | cifar10 | text | module:callable (your own, docs/library.md)
     root: str = "data"  # where torchvision datasets live (<root>/FashionMNIST/raw/...)
     download: bool = False  # let torchvision download a missing dataset
-    partition: str = "iid"  # iid | dirichlet | classes
+    partition: str = "iid"  # iid | dirichlet | classes | documents (text: whole documents per node)
     alpha: float = 0.5  # dirichlet concentration (smaller = more skewed)
     classes_per_node: int = 2  # classes partition: classes each node holds
     class_shift: int = 1  # classes partition: node k starts at (class_shift * k) mod C
@@ -57,15 +57,22 @@ class DataConfig:
     data_seed: int = 0  # seed of the split and partition (identical on every node)
     augment: bool = True  # random crop + flip for cifar10
     workers: int = 0  # DataLoader worker processes for training batches (cifar10 on GPUs: 4-8)
+    path: str = ""  # text: a UTF-8 file (documents split at blank lines); empty = Python's pydoc_data/topics.py
+    seq_len: int = 128  # text: characters per window (the model's context)
+    vocab: str = "char"  # text: char (the corpus's characters) | byte (256 UTF-8 bytes)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "logistic"  # logistic | mlp | cnn | resnet50 | module:callable (your own, docs/library.md)
+    name: str = "logistic"  # logistic | mlp | cnn | resnet50 | transformer | module:callable (yours: docs/library.md)
     hidden: int = 128  # mlp width
     group_channels: int = 32  # resnet50: channels per GroupNorm group (groups = ceil(C / group_channels))
     drop_rate: float = 0.0  # resnet50: Dropout2d after the stem and layers 1-3
     last_drop_rate: float = 0.0  # resnet50: Dropout before the classifier
+    layers: int = 4  # transformer: blocks
+    heads: int = 4  # transformer: attention heads per block
+    embed: int = 128  # transformer: embedding width (4 layers x 128: ~0.8 M parameters)
+    tie_weights: bool = True  # transformer: the output layer shares the token embedding
     model_seed: int = 0  # every node builds the model from this seed, so all start identical
 
 
@@ -110,6 +117,7 @@ class AlgorithmConfig:
 class TrainConfig:
     epochs: int = 10  # training epochs
     scheduler: str = "none"  # none | step (per-iteration StepLR)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss; weights, rule state and messages stay fp32)
     step_size: int = 1000  # step scheduler: iterations between decays
     gamma: float = 0.9  # step scheduler: decay factor
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
@@ -165,9 +173,10 @@ class Config:
 
 CHOICES: dict[str, tuple] = {
     "run.device": ("auto", "cpu", "cuda"),
-    "data.name": ("digits", "mnist", "fashionmnist", "cifar10"),
-    "data.partition": ("iid", "dirichlet", "classes"),
-    "model.name": ("logistic", "mlp", "cnn", "resnet50"),
+    "data.name": ("digits", "mnist", "fashionmnist", "cifar10", "text"),
+    "data.partition": ("iid", "dirichlet", "classes", "documents"),
+    "data.vocab": ("char", "byte"),
+    "model.name": ("logistic", "mlp", "cnn", "resnet50", "transformer"),
     "topology.name": ("ring", "torus", "complete", "star", "exponential", "random_regular", "one_peer_hypercube",
                       "exponential_schedule"),
     "algorithm.name": (
@@ -182,6 +191,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.schedule": ("cyclic", "random"),
     "algorithm.compressor": ("none", "topk", "randk", "qsgd8"),
     "train.scheduler": ("none", "step"),
+    "train.precision": ("fp32", "bf16"),
     "train.step_delay_dist": ("exponential", "constant"),
     "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
@@ -413,6 +423,12 @@ def validate(cfg: Config) -> None:
         (d.batch_size > 0 or d.samples_per_epoch == 0,
          "--data.samples_per_epoch must be 0 with --data.batch_size 0 (full batch: one step per epoch)"),
         (d.workers >= 0, "--data.workers must be >= 0"),
+        (d.seq_len >= 1, "--data.seq_len must be >= 1"),
+        (d.partition != "documents" or d.name == "text", "--data.partition documents splits a text corpus by "
+                                                         "document: use it with --data.name text"),
+        (cfg.model.layers >= 1 and cfg.model.heads >= 1 and cfg.model.embed >= 1,
+         "--model.layers, --model.heads and --model.embed must be >= 1"),
+        (cfg.model.embed % cfg.model.heads == 0, "--model.embed must be a multiple of --model.heads"),
         (d.alpha > 0, "--data.alpha (Dirichlet concentration) must be > 0"),
         (d.classes_per_node >= 1, "--data.classes_per_node must be >= 1"),
         (0 <= d.val_fraction < 1, "--data.val_fraction must be in [0, 1)"),

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from p2p.config import ConfigError, DataConfig, import_callable, one_line
+from p2p.text import load_text
 
 # Debian's `dataset-fashion-mnist` package installs the four idx .gz files here (`dpkg -L` shows it).
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -40,9 +41,11 @@ class Splits:
     train: Dataset  # the training set minus the validation split; partitions index into it
     val: Dataset
     test: Dataset
-    train_labels: np.ndarray  # labels of `train`, for partitioning
-    num_classes: int
-    in_shape: tuple[int, ...]  # (C, H, W) of one sample
+    train_labels: np.ndarray  # labels of `train`, for partitioning (text: the document a window starts in)
+    num_classes: int  # classes (text: the vocabulary size)
+    in_shape: tuple[int, ...]  # (C, H, W) of one sample (text: (seq_len,))
+    task: str = "classification"  # or "language_model": next-token prediction, reported as bits per character
+    groups: int = 0  # label values for the per-node histogram (text: documents); 0 = num_classes
 
 
 def _missing(cfg: DataConfig, error: Exception) -> ConfigError:
@@ -186,6 +189,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     The held-out indices come from `default_rng(data_seed)`, so every node gets the same split.
     Both parts keep the dataset's original order (indices sorted).
     """
+    if cfg.name == "text":  # contiguous blocks of one corpus: its own validation block, no random hold-out
+        train, labels, val, test, vocab = load_text(cfg)
+        return Splits(train, val, test, labels, vocab, (cfg.seq_len,), "language_model", int(labels.max()) + 1)
     if ":" in cfg.name:
         full, labels, test = _user_data(cfg)
         full_val = full
@@ -272,7 +278,23 @@ def _classes(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarr
     return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
-_PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet, "classes": _classes}
+def _documents(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
+    """Whole documents (labels) per node: largest first, each to the node with the fewest samples so far, so
+    every node's text differs in content while the shares stay close."""
+    docs = np.unique(labels)
+    if len(docs) < n_nodes:
+        raise ConfigError(f"--data.partition documents: {len(docs)} documents for {n_nodes} nodes; use iid")
+    sizes = np.bincount(labels)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+    load = np.zeros(n_nodes)
+    for d in sorted(docs, key=lambda d: (-sizes[d], d)):
+        k = int(np.argmin(load))
+        parts[k].append(np.flatnonzero(labels == d))
+        load[k] += sizes[d]
+    return [np.concatenate(p) for p in parts]
+
+
+_PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet, "classes": _classes, "documents": _documents}
 
 
 def partition(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndarray]:
@@ -283,7 +305,8 @@ def partition(labels: np.ndarray, n_nodes: int, cfg: DataConfig) -> list[np.ndar
     computes every shard, so a shard too small for the batch fails on every rank alike.
     """
     if cfg.partition not in _PARTITIONS:
-        raise ConfigError(f"--data.partition: unknown scheme {cfg.partition!r}; choose iid, dirichlet or classes")
+        raise ConfigError(f"--data.partition: unknown scheme {cfg.partition!r}; choose iid, dirichlet, classes or "
+                          f"documents")
     shards = [np.sort(s).astype(np.int64) for s in _PARTITIONS[cfg.partition](np.asarray(labels), n_nodes, cfg)]
     for k, shard in enumerate(shards):
         if len(shard) == 0:

@@ -23,7 +23,8 @@ from p2p.checkpoint import read_checkpoint
 from p2p.config import ConfigError, load_config, one_line
 from p2p.data import eval_loader, load_splits
 from p2p.models import build_model
-from p2p.loop import evaluate
+from p2p.loop import evaluate, task_of
+from p2p.metrics import task_row
 
 COLUMNS = ["epoch", "consensus_dist", "avg_test_loss", "avg_test_acc"]
 
@@ -72,8 +73,8 @@ def evaluate_run(run_dir: Path) -> list[dict[str, float]]:
         w_bar = W.mean(0)
         flat.w.copy_(w_bar)  # as the trainer: only trainable parameters are averaged
         loss, acc = evaluate(model, test, torch.device("cpu"))
-        rows.append({"epoch": epoch, "consensus_dist": (W - w_bar).pow(2).sum(1).mean().item(),
-                     "avg_test_loss": loss, "avg_test_acc": acc})
+        rows.append(task_row({"epoch": epoch, "consensus_dist": (W - w_bar).pow(2).sum(1).mean().item(),
+                              "avg_test_loss": loss, "avg_test_acc": acc}, task_of(cfg)))
     if not rows:
         raise ConfigError(f"{run_dir}: no epoch whose checkpoints can all be read (see the warnings above)")
     return rows
@@ -89,13 +90,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    columns = list(rows[0]) if rows else COLUMNS  # a language model's: bits per character, token accuracy
     with (run_dir / "network.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{'epoch':>5}  {'consensus':>10}  {'avg test loss':>13}  {'avg test acc':>12}")
+    print("  ".join(f"{c:>14}" for c in columns))
     for r in rows:
-        print(f"{r['epoch']:>5}  {r['consensus_dist']:>10.3e}  {r['avg_test_loss']:>13.4f}  {r['avg_test_acc']:>12.4f}")
+        print("  ".join(f"{r[c]:>14.4g}" if c != "epoch" else f"{r[c]:>14}" for c in columns))
     print(f"written to {run_dir / 'network.csv'}")
     return 0
 

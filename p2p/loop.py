@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,18 +58,23 @@ def loss_function(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
     return own if callable(own) else F.cross_entropy
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """`train.precision`: bf16 autocast of the forward and the loss, on CPU and GPU alike (fp32: off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Mean loss and accuracy of `model` on a whole split."""
+    """Mean loss and accuracy of `model` on a whole split, per sample (per token for a language model)."""
     model.eval()
     own = getattr(model, "loss", None)
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         out = model(x)
-        loss_sum += own(out, y).item() * len(y) if callable(own) else F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += len(y)
+        loss_sum += own(out, y).item() * y.numel() if callable(own) else F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(-1) == y).sum().item()
+        count += y.numel()
     model.train()
     return loss_sum / count, correct / count
 
@@ -109,8 +115,23 @@ def start_run_dir(cfg: Config, topology: Topology, what: str, n_params: int) -> 
         log.info("topology: %s", topology.summary(cfg.algorithm.mixing))
 
 
-def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm) -> None:
-    """The evaluation line: node 0's train loss, every node's test accuracy, the averaged model, consensus."""
+def task_of(cfg: Config) -> str:
+    """What the run learns, which names its metrics: next-character prediction on text, else classification."""
+    return "language_model" if cfg.data.name == "text" else "classification"
+
+
+def log_epoch(epoch: int, epochs: int, row: dict[str, float], accs: list[float], elapsed: float, bar: tqdm,
+              task: str = "classification") -> None:
+    """The evaluation line: node 0's train loss, every node's test accuracy, the averaged model, consensus (a
+    language model: bits per character and token accuracy)."""
+    if task == "language_model":
+        bits = math.log(2)
+        log.info("epoch %d/%d | train bpc %.3f | test token acc mean %.4f [%.4f, %.4f] | avg model test bpc %.3f, "
+                 "token acc %.4f | consensus %.3e | %.1fs", epoch, epochs, row["train_loss"] / bits,
+                 float(np.mean(accs)), min(accs), max(accs), row["avg_test_loss"] / bits, row["avg_test_acc"],
+                 row["consensus_dist"], elapsed)
+        bar.set_postfix(bpc=f"{row['train_loss'] / bits:.3f}")
+        return
     log.info("epoch %d/%d | train loss %.4f | test acc mean %.4f [%.4f, %.4f] | avg model %.4f | consensus %.3e | "
              "%.1fs", epoch, epochs, row["train_loss"], float(np.mean(accs)), min(accs), max(accs),
              row["avg_test_acc"], row["consensus_dist"], elapsed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -27,11 +28,46 @@ NODE_TAGS = {
     "staleness_mean": "comm/staleness_mean", "staleness_max": "comm/staleness_max", "wait_s": "time/wait_s",
     "exchanges": "comm/exchanges", "dual_norm": "dual/norm", "penalty_ratio": "dual/penalty_ratio",
     "sim_s": "time/sim_s",
+    "train_token_acc": "token_acc/train", "val_token_acc": "token_acc/val", "test_token_acc": "token_acc/test",
+    "train_bpc": "bpc/train", "val_bpc": "bpc/val", "test_bpc": "bpc/test",
 }
 GLOBAL_TAGS = {
     "consensus_dist": "consensus/distance", "avg_test_loss": "avg_model/test_loss",
-    "avg_test_acc": "avg_model/test_acc",
+    "avg_test_acc": "avg_model/test_acc", "avg_test_token_acc": "avg_model/test_token_acc",
+    "avg_test_bpc": "avg_model/test_bpc",
 }
+
+
+# A language model's columns say what they are: token accuracy, and bits per character (loss / ln 2) beside each loss
+LM_NAMES = {"train_acc": "train_token_acc", "val_acc": "val_token_acc", "test_acc": "test_token_acc",
+            "avg_test_acc": "avg_test_token_acc"}
+LM_BITS = {"train_loss": "train_bpc", "val_loss": "val_bpc", "test_loss": "test_bpc", "avg_test_loss": "avg_test_bpc"}
+
+
+def columns(task: str) -> list[str]:
+    """The CSV columns of a task: classification's (the seed's first), or a language model's."""
+    if task != "language_model":
+        return COLUMNS
+    named = [LM_NAMES.get(c, c) for c in COLUMNS]
+    for loss, bits in LM_BITS.items():
+        named.insert(named.index(loss) + 1, bits)
+    return named
+
+
+def task_row(row: dict[str, float], task: str) -> dict[str, float]:
+    """A row with the generic keys the loops produce (train_acc, test_loss, ...) in the task's own names."""
+    if task != "language_model":
+        return row
+    out = {LM_NAMES.get(k, k): v for k, v in row.items()}
+    for loss, bits in LM_BITS.items():
+        if row.get(loss) is not None:
+            out[bits] = row[loss] / math.log(2)
+    return out
+
+
+def acc_column(fields: list[str] | set[str]) -> str:
+    """The accuracy column a CSV holds: test_token_acc for a language model, else test_acc."""
+    return "test_token_acc" if "test_token_acc" in fields else "test_acc"
 
 
 def _rows(path: Path) -> tuple[list[dict[str, str]], int]:
@@ -59,8 +95,8 @@ def logged_epochs(out_dir: Path, rank: int) -> list[int]:
 class CSVLogger:
     """node<rank>.csv. On resume, rows after the resumed epoch are dropped so each epoch appears once."""
 
-    def __init__(self, path: Path, resume_epoch: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_epoch: int | None, fields: list[str] = COLUMNS):
+        self.path, self.fields = path, fields
         rows = []
         if resume_epoch is not None and path.exists():
             rows, bad = _rows(path)
@@ -68,13 +104,13 @@ class CSVLogger:
             if bad:
                 log.warning("%s: %d damaged row(s) left out", path, bad)
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
     def log(self, row: dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:  # reopened per row: nothing is lost on a crash
-            csv.DictWriter(f, COLUMNS).writerow({k: row.get(k, "") for k in COLUMNS})
+            csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
 
     def close(self) -> None:
         pass
@@ -107,14 +143,17 @@ class TensorBoardLogger:
 class Metrics:
     """Sends each epoch's row to every enabled backend."""
 
-    def __init__(self, out_dir: Path, rank: int, cfg: LogConfig, resume_epoch: int | None = None):
+    def __init__(self, out_dir: Path, rank: int, cfg: LogConfig, resume_epoch: int | None = None,
+                 task: str = "classification"):
+        self.task = task
         self.backends: list[CSVLogger | TensorBoardLogger] = []
         if cfg.csv:
-            self.backends.append(CSVLogger(out_dir / f"node{rank}.csv", resume_epoch))
+            self.backends.append(CSVLogger(out_dir / f"node{rank}.csv", resume_epoch, columns(task)))
         if cfg.tensorboard:
             self.backends.append(TensorBoardLogger(out_dir / "tb", rank, resume_epoch))
 
     def log(self, row: dict[str, float]) -> None:
+        row = task_row(row, self.task)
         for backend in self.backends:
             backend.log(row)
 

@@ -78,7 +78,60 @@ def _resnet50(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> 
     return model
 
 
-_MODELS = {"logistic": _logistic, "mlp": _mlp, "cnn": _cnn, "resnet50": _resnet50}
+class _Block(nn.Module):
+    """Pre-LayerNorm: x + attention(LN(x)), then x + MLP(LN(x)), the MLP 4x wide (nanoGPT's block)."""
+
+    def __init__(self, embed: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(embed), nn.LayerNorm(embed)
+        self.qkv, self.proj = nn.Linear(embed, 3 * embed), nn.Linear(embed, embed)
+        self.mlp = nn.Sequential(nn.Linear(embed, 4 * embed), nn.GELU(), nn.Linear(4 * embed, embed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, E)
+        B, T, E = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(E, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, E // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, E/H)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, E))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    """A nanoGPT-shaped character model: token + position embeddings, pre-LN causal self-attention blocks, a final
+    LayerNorm and the output layer (tied to the token embedding by default). Logits (B, T, V); no buffers and no
+    BatchNorm, so the simulator batches it. Its own `loss` is the mean cross-entropy over every position."""
+
+    def __init__(self, vocab: int, seq_len: int, layers: int, heads: int, embed: int, tie_weights: bool):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, embed), nn.Embedding(seq_len, embed)
+        self.blocks = nn.Sequential(*[_Block(embed, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(embed)
+        self.head = nn.Linear(embed, vocab, bias=False)
+        for m in self.modules():  # GPT-2's initialisation
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if tie_weights:
+            self.head.weight = self.tok.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) token ids -> (B, T, V)
+        x = self.tok(idx) + self.pos.weight[:idx.shape[-1]]
+        return self.head(self.ln(self.blocks(x)))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def _transformer(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(in_shape) != 1:
+        raise ConfigError(f"--model.name transformer reads token windows (--data.name text), not samples of shape "
+                          f"{in_shape}")
+    return TransformerLM(num_classes, in_shape[0], cfg.layers, cfg.heads, cfg.embed, cfg.tie_weights)
+
+
+_MODELS = {"logistic": _logistic, "mlp": _mlp, "cnn": _cnn, "resnet50": _resnet50, "transformer": _transformer}
 
 
 def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:

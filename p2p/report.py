@@ -21,14 +21,18 @@ import sys
 import tomllib
 from pathlib import Path
 
+from p2p.metrics import acc_column
+
 # (CSV column, Markdown heading); the CSV keeps full precision, the Markdown table is for reading
 COLUMNS = [
     ("run", "run"), ("algorithm", "algorithm"), ("topology", "topology"), ("mode", "mode"), ("nodes", "nodes"),
     ("epochs", "epochs"), ("test_acc_mean", "node test acc mean"), ("test_acc_min", "min"),
-    ("test_acc_max", "max"), ("avg_test_acc", "averaged-model acc"), ("consensus_dist", "consensus dist"),
+    ("test_acc_max", "max"), ("avg_test_acc", "averaged-model acc"), ("avg_test_bpc", "averaged-model bpc"),
+    ("consensus_dist", "consensus dist"),
     ("mb_sent", "MB sent / node"), ("wall_s", "wall s"),
 ]
-NETWORK = ("consensus_dist", "avg_test_loss", "avg_test_acc")  # network-wide columns, the same on every node
+# network-wide columns, the same on every node (a language model's too: token accuracy, bits per character)
+NETWORK = ("consensus_dist", "avg_test_loss", "avg_test_acc", "avg_test_token_acc", "avg_test_bpc")
 
 
 class ReportError(Exception):
@@ -96,17 +100,23 @@ def load_run(run_dir: Path) -> dict:
     return {"cfg": cfg, "nodes": nodes, "network": net_rows, "done": done}
 
 
+def _acc(nodes: list[list[dict]]) -> str:
+    """The accuracy column of a run's CSVs: test_acc, or test_token_acc for a language model."""
+    return acc_column({key for rows in nodes for row in rows[:1] for key in row})
+
+
 def summarize(run_dir: Path, name: str) -> dict:
     """One table row: the last common epoch's numbers (the newest non-empty value of each column)."""
     run = load_run(run_dir)
     cfg, nodes = run["cfg"], run["nodes"]
     topo = cfg.get("topology", {})
     planned = cfg.get("train", {}).get("epochs")
-    newest_acc = [a for a in (_newest(rows, "test_acc") for rows in nodes) if a[0] is not None]
+    acc = _acc(nodes)  # test_acc, or a language model's test_token_acc (reported in the same columns)
+    newest_acc = [a for a in (_newest(rows, acc) for rows in nodes) if a[0] is not None]
     accs = [v for v, _ in newest_acc]
     sent = [v for v in (_newest(rows, "bytes_sent")[0] for rows in nodes) if v is not None]
     wall = [v for v in (_newest(rows, "wall_s")[0] for rows in nodes) if v is not None]
-    avg_acc, avg_epoch = _newest(run["network"], "avg_test_acc")
+    avg_acc, avg_epoch = _newest(run["network"], f"avg_{acc}")
     consensus, consensus_epoch = _newest(run["network"], "consensus_dist")
     return {
         "run": name, "algorithm": cfg.get("algorithm", {}).get("name", "?"),
@@ -116,7 +126,7 @@ def summarize(run_dir: Path, name: str) -> dict:
         "test_acc_mean": sum(accs) / len(accs) if accs else None, "test_acc_min": min(accs, default=None),
         "test_acc_max": max(accs, default=None),
         "test_acc_mean_epoch": min((e for _, e in newest_acc), default=None),
-        "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch,
+        "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch, "avg_test_bpc": _newest(run["network"], "avg_test_bpc")[0],
         "consensus_dist": consensus, "consensus_dist_epoch": consensus_epoch,
         "mb_sent": sum(sent) / len(sent) / 1e6 if sent else None, "wall_s": max(wall, default=None),
     }
@@ -175,10 +185,11 @@ def plot(runs: dict[str, Path], path: Path) -> None:
     positive = True  # consensus distances all > 0: a log axis; else symlog (one node, or exact consensus)
     for i, (name, run_dir) in enumerate(runs.items()):
         run, color = load_run(run_dir), f"C{i % 10}"
-        acc = _node_mean(run["nodes"], "test_acc")
+        column = _acc(run["nodes"])
+        acc = _node_mean(run["nodes"], column)
         axes[0].plot(*acc, color=color, label=name, lw=1.2)
         net = [(r["epoch"], r) for r in run["network"]]
-        avg = [(e, r["avg_test_acc"]) for e, r in net if r.get("avg_test_acc") is not None]
+        avg = [(e, r[f"avg_{column}"]) for e, r in net if r.get(f"avg_{column}") is not None]
         if avg:
             axes[0].plot(*zip(*avg), color=color, ls="--", lw=1)
         axes[1].plot(*_node_mean(run["nodes"], "test_loss"), color=color, lw=1.2)

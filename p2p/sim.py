@@ -38,8 +38,8 @@ from p2p.algorithms import FlatParams
 from p2p.comm import Env, read_env, resolve_device
 from p2p.config import Config, ConfigError, one_line
 from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (drains_at, log_epoch, loss_function, network, optimizer_kwargs, scheduler, start_run_dir,
-                      step_delays, stop_if_nonfinite)
+from p2p.loop import (autocast, drains_at, log_epoch, loss_function, network, optimizer_kwargs, scheduler,
+                      start_run_dir, step_delays, stop_if_nonfinite, task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.node import Node
@@ -86,13 +86,18 @@ class RowModel:
     def __init__(self, sim: Simulation, k: int):
         self.sim, self.k = sim, k
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def _rows(self) -> dict[str, torch.Tensor]:
+        """Row k's view per parameter name, tied names too (a tied output layer is its embedding's row)."""
         rows = self.sim.param_views(self.sim.W[self.k])
+        return {name: rows[canonical] for name, canonical in self.sim.aliases.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        rows = self._rows()
         # clones: torch.save would write a view's whole storage, all n rows
         return {name: rows[name].clone() if name in rows else t for name, t in self.sim.template.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        rows = self.sim.param_views(self.sim.W[self.k])
+        rows = self._rows()
         expected = self.sim.template.state_dict()
         if state.keys() != expected.keys():
             raise KeyError(f"parameters {sorted(set(state) ^ set(expected))[:3]} differ")
@@ -122,7 +127,7 @@ class Simulation:
 
     def __init__(self, cfg: Config, topology: Topology, splits: Splits, shards: list[np.ndarray],
                  device: torch.device):
-        self.n, self.device, self.cfg_model = len(shards), device, cfg.model.name
+        self.n, self.device, self.cfg_model, self.precision = len(shards), device, cfg.model.name, cfg.train.precision
         self.template = build_model(cfg.model, splits.in_shape, splits.num_classes).to(device)
         batchnorm = [n for n, m in self.template.named_modules()
                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -131,6 +136,9 @@ class Simulation:
                               f"...) update running statistics in place, which one batched call for all nodes cannot "
                               f"do per node; use GroupNorm or LayerNorm, or launch with torchrun")
         self.like = {name: p for name, p in self.template.named_parameters() if p.requires_grad}
+        first = {id(p): name for name, p in self.like.items()}  # a tied parameter's every name -> its first one
+        self.aliases = {name: first[id(p)] for name, p in self.template.named_parameters(remove_duplicate=False)
+                        if id(p) in first}
         self.loss = loss_function(self.template)
         self._batched_once = False  # the first batched step turns torch.func's refusals into one line
         w0 = torch.cat([p.detach().reshape(-1) for p in self.like.values()])
@@ -231,18 +239,19 @@ class Simulation:
     def _gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
         W = self.W.detach().requires_grad_()  # shares W's storage; the gradient lands in W.grad
         params = self.param_views(W)
-        if isinstance(X, torch.Tensor):  # one vmapped call for every node
-            def loss_of(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                out = self._forward(p, x)
-                return self.loss(out, y), (out.argmax(-1) == y).sum()
+        with autocast(self.device, self.precision):  # train.precision, as a real node's forward
+            if isinstance(X, torch.Tensor):  # one vmapped call for every node
+                def loss_of(p: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    out = self._forward(p, x)
+                    return self.loss(out, y), (out.argmax(-1) == y).sum()
 
-            losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
-            sizes = torch.full((self.n,), Y.shape[1], device=self.device)
-        else:  # batches of different sizes: one call per node, one backward
-            outs = [self._forward({name: v[k] for name, v in params.items()}, x) for k, x in enumerate(X)]
-            losses = torch.stack([self.loss(out, y) for out, y in zip(outs, Y)])
-            correct = torch.stack([(out.argmax(-1) == y).sum() for out, y in zip(outs, Y)])
-            sizes = torch.tensor([len(y) for y in Y], device=self.device)
+                losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
+                sizes = torch.full((self.n,), Y[0].numel(), device=self.device)
+            else:  # batches of different sizes: one call per node, one backward
+                outs = [self._forward({name: v[k] for name, v in params.items()}, x) for k, x in enumerate(X)]
+                losses = torch.stack([self.loss(out, y) for out, y in zip(outs, Y)])
+                correct = torch.stack([(out.argmax(-1) == y).sum() for out, y in zip(outs, Y)])
+                sizes = torch.tensor([y.numel() for y in Y], device=self.device)
         losses.sum().backward()  # node k's loss depends on row k only: each row gets its own gradient
         self.G.copy_(W.grad)
         if l2_lambda:
@@ -265,10 +274,10 @@ class Simulation:
                 if self.loss is F.cross_entropy:
                     loss = F.cross_entropy(out.transpose(1, 2), y.expand(c, -1), reduction="none").sum(1)
                 else:  # the model's own loss, a batch mean: row by row
-                    loss = torch.stack([self.loss(o, y) for o in out]) * len(y)
+                    loss = torch.stack([self.loss(o, y) for o in out]) * y.numel()
                 loss_sum[a:a + c] += loss.cpu().numpy()
-                correct[a:a + c] += (out.argmax(-1) == y).sum(1).cpu().numpy()
-            count += len(y)
+                correct[a:a + c] += (out.argmax(-1) == y).flatten(1).sum(1).cpu().numpy()
+            count += y.numel()
         self.template.train()
         return loss_sum / count, correct / count
 
@@ -337,7 +346,7 @@ def run(cfg: Config) -> dict[str, float]:
                     topology.source)
     for k, shard in enumerate(shards):
         log.debug("node%d: %d samples, classes %s", k, len(shard),
-                  class_histogram(splits.train_labels, shard, splits.num_classes))
+                  class_histogram(splits.train_labels, shard, splits.groups or splits.num_classes))
     steps = train_loop(cfg, sim, ckpts, progress)
     if cfg.log.plots and cfg.log.csv:
         plots.plot_run(cfg.out_dir)
@@ -355,7 +364,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
     Returns the steps taken (per node)."""
     tcfg, n = cfg.train, sim.n
     start_epoch, step = (progress[0]["epoch"], progress[0]["step"]) if progress else (0, 0)
-    metrics = [Metrics(cfg.out_dir, k, cfg.log, resume_epoch=start_epoch) for k in range(n)]
+    metrics = [Metrics(cfg.out_dir, k, cfg.log, resume_epoch=start_epoch, task=task_of(cfg)) for k in range(n)]
     steps_per_epoch = len(sim.nodes[0].loader)
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not cfg.log.progress, desc="train",
                unit="step", dynamic_ncols=True)
@@ -408,7 +417,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                     for row, evaluated in zip(rows, sim.evaluate_network()):
                         row.update(evaluated)
                 log_epoch(epoch, tcfg.epochs, rows[0], [row["test_acc"] for row in rows],
-                          time.perf_counter() - t_start, bar)
+                          time.perf_counter() - t_start, bar, task_of(cfg))
 
             wall_s = time.perf_counter() - t_start
             for k, row in enumerate(rows):

@@ -17,8 +17,8 @@ from p2p import checkpoint, plots
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
 from p2p.config import Config, config_lines
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (NonFiniteLoss, drains_at, evaluate, log_epoch, loss_function, network, optimizer_kwargs,
-                      scheduler, start_run_dir, step_delays, stop_if_nonfinite)
+from p2p.loop import (NonFiniteLoss, autocast, drains_at, evaluate, log_epoch, loss_function, network,
+                      optimizer_kwargs, scheduler, start_run_dir, step_delays, stop_if_nonfinite, task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.network import Network
@@ -30,19 +30,21 @@ from p2p.transport import NetworkStop
 log = logging.getLogger("p2p")
 
 
-def train_step(model: nn.Module, optimizer: DecentralizedOptimizer, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model: nn.Module, optimizer: DecentralizedOptimizer, x: torch.Tensor, y: torch.Tensor,
+               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """One local step, as a user's loop makes it: g_i = ∇ loss (the optimizer adds (l2_lambda/2)||w||²'s
     gradient), the rule's update, then whatever exchange is due after it (a round's end, or an edge's slot).
+    `precision` bf16 runs the forward and the loss under autocast; weights, gradients and messages stay fp32.
 
-    Returns the minibatch loss and number of correct predictions, as tensors (no device sync).
+    Returns the minibatch loss and number of correct predictions (tokens, for a language model), as tensors.
     """
     optimizer.zero_grad()
-    out = model(x)
-    loss = loss_function(model)(out, y)
+    with autocast(x.device, precision):
+        out = model(x)
+        loss = loss_function(model)(out, y)
     loss.backward()
     optimizer.step()
-    return loss.detach(), (out.argmax(1) == y).sum()
+    return loss.detach().float(), (out.argmax(-1) == y).sum()
 
 
 def evaluate_node(node: Node, device: torch.device) -> dict[str, float]:
@@ -135,9 +137,11 @@ def run(cfg: Config, started: float | None = None) -> None:
                           node.flat.w.numel())
             if node.optimizer.slots_line:
                 log.info(node.optimizer.slots_line)
-        hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank], splits.num_classes))
+        hist = comm.all_gather_floats(class_histogram(splits.train_labels, shards[env.rank],
+                                                      splits.groups or splits.num_classes))
+        what = "windows per document" if splits.task == "language_model" else "classes"
         for rank, h in enumerate(hist):
-            log.info("node%d: %d samples, classes %s", rank, int(sum(h)), [int(c) for c in h])
+            log.info("node%d: %d samples, %s %s", rank, int(sum(h)), what, [int(c) for c in h])
         startup.mark("run dir")
         train_loop(cfg, env, comm, node, ckpt, progress, startup)
         comm.barrier()
@@ -155,7 +159,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
     tcfg = cfg.train
     start_epoch, step = (progress["epoch"], progress["step"]) if progress else (0, 0)
     # drop the rows after the checkpoint (all of them when this job starts its own run over)
-    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch)
+    metrics = Metrics(cfg.out_dir, env.rank, cfg.log, resume_epoch=start_epoch, task=task_of(cfg))
     steps_per_epoch = len(node.loader)
     slow = not tcfg.slow_ranks or env.rank in tcfg.slow_ranks  # sleep_factor and step_delay apply here
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=step, disable=not (env.is_main and cfg.log.progress),
@@ -171,7 +175,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             t_epoch, comm_s0 = time.perf_counter(), comm.comm_s
             loss_sum = torch.zeros((), device=comm.device)
             correct = torch.zeros((), device=comm.device, dtype=torch.long)
-            n_seen = 0  # samples, counted: a full batch is the shard, whatever batch_size says
+            n_seen = 0  # samples (tokens), counted: a full batch is the shard, whatever batch_size says
             delays, delay_s = step_delays(cfg, env.rank, epoch), 0.0
             try:
                 for x, y in node.loader:
@@ -179,12 +183,13 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                     if delays:
                         delay_s += (d := next(delays))
                         time.sleep(d)
-                    loss, right = train_step(node.model, node.optimizer, x.to(comm.device), y.to(comm.device))
+                    loss, right = train_step(node.model, node.optimizer, x.to(comm.device), y.to(comm.device),
+                                             tcfg.precision)
                     if node.scheduler is not None:
                         node.scheduler.step()
                     loss_sum += loss
                     correct += right
-                    n_seen += len(y)
+                    n_seen += y.numel()
                     step += 1
                     bar.update()
                     if startup is not None:
@@ -216,7 +221,7 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                 if epoch % tcfg.eval_every == 0 or last:
                     row.update(evaluate_network(node, comm))
                     accs = [a[0] for a in comm.all_gather_floats([row["test_acc"]])]
-                    log_epoch(epoch, tcfg.epochs, row, accs, time.perf_counter() - t_start, bar)
+                    log_epoch(epoch, tcfg.epochs, row, accs, time.perf_counter() - t_start, bar, task_of(cfg))
             elif epoch % tcfg.eval_every == 0:
                 row.update(evaluate_node(node, comm.device))
                 log.info("epoch %d/%d | train loss %.4f | test acc %.4f (node %d; async: the network's metrics after "
