@@ -88,9 +88,9 @@ class TopologyConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco | gt | ed | qgm
+    # local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco | gt | ed | qgm | diloco
     name: str = "dsgd"
-    optimizer: str = "sgd"  # sgd | adam | adamw (local, allreduce, dsgd, gossip, choco; the others: sgd)
+    optimizer: str = "sgd"  # sgd | adam | adamw (local, allreduce, dsgd, gossip, choco, diloco; the others: sgd)
     lr: float = 0.05  # learning rate (gamma)
     momentum: float = 0.0  # SGD momentum β, for every rule (primal-dual and cadmm: torch SGD's direction)
     dampening: float = 0.0  # SGD dampening
@@ -100,7 +100,7 @@ class AlgorithmConfig:
     eps: float = 1e-8  # adam, adamw: denominator term
     weight_decay: float = 0.0  # torch optimizer weight decay (every rule as torch SGD applies it; adamw: decoupled)
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
-    mixing: str = "metropolis"  # dsgd mixing weights: metropolis | uniform | file
+    mixing: str = "metropolis"  # dsgd, diloco mixing weights: metropolis | uniform | file
     interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1 (ISVR: 4)
     eta: float = 0.05  # pdmm, admm, cadmm: penalty scale, γ c_ij = η v_p / max(d_i, d_j)
     penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
@@ -111,6 +111,9 @@ class AlgorithmConfig:
     compressor: str = "none"  # choco: none | topk | randk | qsgd8
     ratio: float = 0.1  # choco topk, randk: the fraction rho of entries sent
     consensus_lr: float = 1.0  # choco: gamma_c; tune it to the compression (about rho for topk; none: 1 = dsgd)
+    outer_lr: float = 0.7  # diloco: the outer Nesterov SGD's learning rate (DiLoCo's 0.7)
+    outer_momentum: float = 0.9  # diloco: the outer Nesterov momentum (DiLoCo's 0.9)
+    outer_average: str = "gossip"  # diloco: gossip (the topology's mixing weights) | all (the mean of all nodes)
 
 
 @dataclass
@@ -181,7 +184,7 @@ CHOICES: dict[str, tuple] = {
                       "exponential_schedule"),
     "algorithm.name": (
         "local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco",
-        "gt", "ed", "qgm",
+        "gt", "ed", "qgm", "diloco",
     ),
     "algorithm.optimizer": ("sgd", "adam", "adamw"),
     "algorithm.mixing": ("metropolis", "uniform", "file"),
@@ -190,6 +193,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.piw": (0.5, 1.0, 2.0),
     "algorithm.schedule": ("cyclic", "random"),
     "algorithm.compressor": ("none", "topk", "randk", "qsgd8"),
+    "algorithm.outer_average": ("gossip", "all"),
     "train.scheduler": ("none", "step"),
     "train.precision": ("fp32", "bf16"),
     "train.step_delay_dist": ("exponential", "constant"),
@@ -371,6 +375,12 @@ DROP_REFUSED = {
     "choco": "choco's public copies x_hat_j must match at both ends, and a lost message desynchronises them",
     "gt": "gt needs every peer's [x_j, y_j] each round: a lost one breaks sum_i y_i = sum_i g_i",
     "ed": "ed needs every peer's phi_j each round: a lost one breaks sum_i (x_i - psi_i) = 0",
+    "diloco": "diloco's outer step averages every peer's w_j of a round",
+}
+
+# Rules that run in sync and overlap but not async, and why
+NOT_ASYNC = {
+    "diloco": "diloco's outer step needs every peer's w_j of one round; use --comm.mode sync or overlap",
 }
 
 # The most nodes one process simulates (docs/simulation.md measures up to 256): a bound checked before anything
@@ -378,7 +388,7 @@ DROP_REFUSED = {
 MAX_SIM_NODES = 4096
 
 # Rules whose local step is a torch optimizer, so --algorithm.optimizer may replace SGD
-TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip", "choco")
+TORCH_OPTIMIZER = ("local", "allreduce", "dsgd", "gossip", "choco", "diloco")
 
 
 def validate(cfg: Config) -> None:
@@ -412,6 +422,8 @@ def validate(cfg: Config) -> None:
         (a.eta > 0, "--algorithm.eta must be > 0"),
         (0 < a.ratio <= 1, "--algorithm.ratio must be in (0, 1]"),
         (a.consensus_lr > 0 and finite(a.consensus_lr), "--algorithm.consensus_lr must be > 0 and finite"),
+        (a.outer_lr > 0 and finite(a.outer_lr), "--algorithm.outer_lr must be > 0 and finite"),
+        (0 <= a.outer_momentum < 1, "--algorithm.outer_momentum must be in [0, 1)"),
         # torch's optimizers reject negative momentum and weight decay with a traceback; inf/nan only diverge
         (a.momentum >= 0 and finite(a.momentum), "--algorithm.momentum must be >= 0 and finite"),
         (0 <= a.dampening <= 1, "--algorithm.dampening must be in [0, 1]"),
@@ -445,6 +457,8 @@ def validate(cfg: Config) -> None:
         (cfg.comm.max_staleness >= 1, "--comm.max_staleness must be >= 1 (rounds)"),
         (cfg.comm.mode == "sync" or a.name not in SYNC_ONLY,
          f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: {SYNC_ONLY.get(a.name)}"),
+        (cfg.comm.mode != "async" or a.name not in NOT_ASYNC,
+         f"--comm.mode async does not fit --algorithm.name {a.name}: {NOT_ASYNC.get(a.name)}"),
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.sim.nodes >= 0, "--sim.nodes must be >= 0 (0 = no simulation: one process per node)"),

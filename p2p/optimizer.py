@@ -84,8 +84,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             once per step on one vector and a message needs no packing.
         net: this node's Network (`p2p.init`).
         algorithm: local | allreduce | dsgd | gossip | pdmm | admm | pdmm_isvr | admm_isvr | cadmm | choco | gt
-            | ed | qgm (docs/algorithms.md).
-        optimizer: the local step of local, allreduce, dsgd, gossip and choco: "sgd" | "adam" | "adamw", or a
+            | ed | qgm | diloco (docs/algorithms.md).
+        optimizer: the local step of local, allreduce, dsgd, gossip, choco and diloco: "sgd" | "adam" | "adamw", or a
             torch optimizer the caller built over the same parameters (e.g. torch.optim.RAdam); its
             param_groups then become this optimizer's, learning rates included.
         mode, max_staleness: the [comm] fields: sync | overlap | async, and async's bound in rounds.

@@ -8,6 +8,7 @@ from p2p.algorithms.allreduce import AllReduce
 from p2p.algorithms.base import Algorithm, FlatParams
 from p2p.algorithms.cadmm import CADMM
 from p2p.algorithms.choco import Choco
+from p2p.algorithms.diloco import DiLoCo
 from p2p.algorithms.dsgd import DSGD
 from p2p.algorithms.ed import ExactDiffusion
 from p2p.algorithms.gossip import Gossip
@@ -32,6 +33,7 @@ ALGORITHMS = {
     "gt": GradientTracking,
     "ed": ExactDiffusion,
     "qgm": QGM,
+    "diloco": DiLoCo,
 }
 
 
