@@ -138,20 +138,24 @@ def test_malformed_command_lines_and_files(tmp_path):
     (["--data.partition", "dirichelt"], "--data.partition: unknown value 'dirichelt' (did you mean 'dirichlet'?)"),
     (["--train.scheduler", "stepp"], "--train.scheduler: unknown value 'stepp' (did you mean 'step'?)"),
     (["--algorithm.name", "pdmm", "--algorithm.optimizer", "adam"],
-     "--algorithm.optimizer adam is only for local, allreduce, dsgd, gossip, choco; pdmm uses SGD"),
+     "--algorithm.optimizer adam is only for local, allreduce, dsgd, gossip, choco, diloco; pdmm uses SGD"),
     (["--comm.timeout_s", "inf"], "--comm.timeout_s must be > 0 and finite"),  # timedelta(inf) would overflow
     (["--algorithm.ratio", "0"], "--algorithm.ratio must be in (0, 1]"),
     (["--algorithm.ratio", "1.5"], "--algorithm.ratio must be in (0, 1]"),
     (["--algorithm.consensus_lr", "0"], "--algorithm.consensus_lr must be > 0 and finite"),
     (["--algorithm.compressor", "top_k"], "--algorithm.compressor: unknown value 'top_k' (did you mean 'topk'?)"),
     (["--algorithm.name", "choco", "--comm.mode", "overlap"], "x_hat_j must stay identical at both ends"),
+    (["--algorithm.outer_lr", "0"], "--algorithm.outer_lr must be > 0 and finite"),
+    (["--algorithm.outer_momentum", "1"], "--algorithm.outer_momentum must be in [0, 1)"),
+    (["--algorithm.outer_average", "al"], "--algorithm.outer_average: unknown value 'al' (did you mean 'all'?)"),
+    (["--algorithm.name", "diloco", "--comm.mode", "overlap"], "does not fit --algorithm.name diloco"),
 ])
 def test_validate_names_the_flag(argv, expected):
     assert expected in error(argv)
 
 
 def test_validate_accepts_what_it_should():
-    for name in ("local", "allreduce", "dsgd", "gossip"):
+    for name in ("local", "allreduce", "dsgd", "gossip", "diloco"):
         assert load_config(["--algorithm.name", name, "--algorithm.optimizer", "adam"]).algorithm.optimizer == "adam"
     assert load_config(["--algorithm.piw", "0.5"]).algorithm.piw == 0.5
     cfg = Config()
