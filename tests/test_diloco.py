@@ -1,0 +1,113 @@
+"""diloco on real gloo processes: its first rounds equal a replay of ALGORITHMS.md's equations (gossip on a static
+and a time-varying graph, and the average of all nodes); with `all` the anchors stay identical; with η = 1, μ = 0
+it is dsgd with K local steps (the same local optimizer); bytes are d_i·|w| (gossip) or (n − 1)·|w| (all).
+
+The problem is test_exactness.py's: logistic regression in float64, non-IID shards, full-batch gradients.
+"""
+
+import pytest
+import torch
+
+from distributed import optimizer, run_ranks
+from p2p.config import AlgorithmConfig
+from p2p.topology import Topology
+from test_exactness import L2, RING, SCHEDULED, N, _gradient, _gradient_at, _model, _shard
+
+pytestmark = pytest.mark.timeout(120)
+
+K, STEPS = 3, 9  # three rounds replayed
+COMPLETE = Topology(N, tuple((i, j) for i in range(N) for j in range(i + 1, N)), source="complete(5)")
+TOPOLOGIES = {"ring": RING, "scheduled": SCHEDULED, "complete": COMPLETE}
+SGD = dict(lr=0.5, momentum=0.5, nesterov=True)  # a local step with state: torch SGD's Nesterov momentum
+ADAMW = dict(optimizer="adamw", lr=0.05, weight_decay=0.01)
+CASES = {  # label: (topology, AlgorithmConfig fields besides interval K)
+    "gossip": ("ring", dict(name="diloco", **SGD)),
+    "gossip_scheduled": ("scheduled", dict(name="diloco", **SGD)),
+    "all": ("ring", dict(name="diloco", outer_average="all", **SGD)),
+    "all_adamw": ("ring", dict(name="diloco", outer_average="all", **ADAMW)),
+    # η = 1, μ = 0 against dsgd; `all` is dsgd with W = J/n, the Metropolis weights of the complete graph
+    "plain_gossip": ("ring", dict(name="diloco", outer_lr=1.0, outer_momentum=0.0, **ADAMW)),
+    "dsgd": ("ring", dict(name="dsgd", **ADAMW)),
+    "plain_all": ("ring", dict(name="diloco", outer_average="all", outer_lr=1.0, outer_momentum=0.0, **ADAMW)),
+    "dsgd_complete": ("complete", dict(name="dsgd", **ADAMW)),
+}
+
+
+def _run(comm, topology: Topology, fields: dict, x, y) -> dict:
+    model, flat = _model()
+    opt = optimizer(flat, AlgorithmConfig(interval=K, l2_lambda=L2, **fields), topology, comm)
+    bytes_before, w = comm.bytes_sent, [flat.w.clone()]
+    for _ in range(STEPS):
+        _gradient(model, flat, x, y)
+        opt.step()
+        w.append(flat.w.clone())
+    theta = getattr(opt.rule, "theta", flat.w)
+    return {"w": torch.stack(w), "theta": theta.clone(), "bytes": comm.bytes_sent - bytes_before, "P": flat.w.numel()}
+
+
+def _all(comm) -> dict:
+    x, y = _shard(comm.rank)
+    return {label: _run(comm, TOPOLOGIES[topo], fields, x, y) for label, (topo, fields) in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    return run_ranks(_all, N, timeout=110)
+
+
+def _replay(topology: Topology, fields: dict) -> torch.Tensor:
+    """(STEPS + 1, n, P) from ALGORITHMS.md's diloco, with torch SGD's Nesterov momentum as the local step."""
+    cfg = AlgorithmConfig(interval=K, **fields)
+    n, lr, beta = topology.n, cfg.lr, cfg.momentum
+    nodes = [(*_model(), *_shard(i)) for i in range(n)]
+    W = torch.stack([flat.w.clone() for _, flat, _, _ in nodes])  # (n, P)
+    theta, b, m = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
+    out = [W.clone()]
+    for t in range(STEPS):
+        g = torch.stack([_gradient_at(node, W[i]) for i, node in enumerate(nodes)])
+        m = g.clone() if t == 0 else beta * m + g
+        W = W - lr * (g + beta * m)
+        if (t + 1) % K == 0:
+            mix = (torch.full((n, n), 1 / n, dtype=W.dtype) if cfg.outer_average == "all" else
+                   torch.from_numpy(topology.mixing_matrix("metropolis", topology.active((t + 1) // K - 1))))
+            delta = theta - mix @ W  # Δ_i = θ_i − w̄_i
+            b = cfg.outer_momentum * b + delta
+            theta = theta - cfg.outer_lr * (delta + cfg.outer_momentum * b)
+            W = theta.clone()
+        out.append(W.clone())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("label", ["gossip", "gossip_scheduled", "all"])
+def test_first_rounds_follow_the_equations(runs, label):
+    got = torch.stack([node[label]["w"] for node in runs], dim=1)  # (STEPS + 1, n, P)
+    topo, fields = CASES[label]
+    want = _replay(TOPOLOGIES[topo], fields)
+    assert (got[K] - got[K - 1]).abs().max().item() > 1e-3  # the outer step moves the weights
+    err = (got - want).abs().amax(dim=(1, 2))
+    assert err.max().item() < 1e-12, (label, err.tolist())
+
+
+@pytest.mark.parametrize("label", ["all", "all_adamw"])
+def test_with_the_average_of_all_nodes_the_anchors_stay_identical(runs, label):
+    theta = torch.stack([node[label]["theta"] for node in runs])
+    assert (theta - theta[0]).abs().max().item() < 1e-12
+    w = torch.stack([node[label]["w"][K::K] for node in runs])  # w_i ← θ_i at every round's end
+    assert (w - w[0]).abs().max().item() < 1e-12
+    assert (theta - runs[0][label]["w"][0]).abs().max().item() > 1e-3  # and they moved
+
+
+@pytest.mark.parametrize("label, dsgd", [("plain_gossip", "dsgd"), ("plain_all", "dsgd_complete")])
+def test_outer_lr_1_without_momentum_is_dsgd(runs, label, dsgd):
+    for node in runs:
+        assert (node[label]["w"] - node[dsgd]["w"]).abs().max().item() < 1e-6
+
+
+def test_bytes_per_round(runs):
+    """gossip: w_i to each of round r's peers (dsgd's bytes); all: to every other node."""
+    for rank, node in enumerate(runs):
+        size, rounds = node["gossip"]["P"] * 8, STEPS // K
+        assert node["gossip"]["bytes"] == rounds * RING.degree(rank) * size
+        assert node["gossip_scheduled"]["bytes"] == sum(len(SCHEDULED.active_neighbors(rank, r))
+                                                        for r in range(rounds)) * size
+        assert node["all"]["bytes"] == rounds * (N - 1) * size
