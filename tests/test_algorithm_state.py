@@ -39,7 +39,7 @@ def _steps(model, flat, algorithm, seed: int, n: int) -> None:
 
 # every rule but allreduce (it communicates every step), and Adam as a local step
 @pytest.mark.parametrize("name,optimizer", [(n, "sgd") for n in ALGORITHMS if n != "allreduce"]
-                         + [("dsgd", "adam"), ("gossip", "adamw")])
+                         + [("dsgd", "adam"), ("gossip", "adamw"), ("diloco", "adamw")])
 def test_state_round_trip_is_exact(name, optimizer):
     model, flat, algorithm = _build(name, optimizer)
     _steps(model, flat, algorithm, seed=0, n=5)
@@ -51,6 +51,8 @@ def test_state_round_trip_is_exact(name, optimizer):
     duals += list(getattr(algorithm, "x_hat", {}).values())  # choco's public copies x̂_j
     if name == "gt":  # the tracker, which exchanges mix
         duals.append(algorithm.y)
+    if name == "diloco":  # the anchor θ_i and the outer momentum b_i
+        duals += [algorithm.theta, algorithm.b]
     for t in duals:
         t.normal_(generator=gen)
     if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual, choco, gt, ed, qgm: the exchange count r
@@ -65,6 +67,10 @@ def test_state_round_trip_is_exact(name, optimizer):
     algorithm2.load_state_dict(state["algorithm"])
     _steps(model, flat, algorithm, seed=2, n=5)
     _steps(model2, flat2, algorithm2, seed=2, n=5)
+    if name == "diloco":  # θ_i and b_i act only at a round's end: an outer step with no message arrived
+        for a in (algorithm, algorithm2):
+            a.messages()
+            a.receive({})
     assert torch.equal(flat.w, flat2.w)
     assert getattr(algorithm2, "rounds", None) == getattr(algorithm, "rounds", None)
     for j, x in getattr(algorithm, "x_hat", {}).items():
