@@ -25,7 +25,7 @@ COMPARED = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test
 
 # every rule in sync; the rules that allow it in overlap too (config.SYNC_ONLY)
 ALGORITHMS = ["local", "allreduce", "dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "cadmm", "choco",
-              "gt", "ed", "qgm"]
+              "gt", "ed", "qgm", "diloco"]
 OVERLAP = ["dsgd", "gossip", "pdmm", "admm", "pdmm_isvr", "admm_isvr", "qgm"]
 # (rule, mode, model, batch size, topology); batch 0 = full batch: shards of different sizes, one call per node;
 # one_peer_hypercube: a time-varying graph (each round one peer)
@@ -34,7 +34,7 @@ CASES = [(a, "sync", m, 32, "ring") for a in ALGORITHMS for m in ("logistic", "m
         [("dsgd", "sync", "mlp", 0, "ring"), ("pdmm", "sync", "logistic", 0, "ring")] + \
         [("dsgd", "overlap", "mlp", 32, "one_peer_hypercube"), ("admm", "sync", "mlp", 32, "one_peer_hypercube")] + \
         [("gt", "sync", "mlp", 32, "one_peer_hypercube"), ("ed", "sync", "mlp", 32, "one_peer_hypercube")] + \
-        [("dsgd_adam", "sync", "mlp", 32, "ring")]
+        [("dsgd_adam", "sync", "mlp", 32, "ring"), ("diloco_all_adamw", "sync", "mlp", 32, "ring")]
 
 
 def _config(name: str, mode: str, model: str, batch: int, topology: str, out: str) -> Config:
@@ -43,6 +43,9 @@ def _config(name: str, mode: str, model: str, batch: int, topology: str, out: st
     momentum = "0.9"
     if name == "dsgd_adam":  # Adam as dsgd's local step: its betas replace SGD's momentum
         name, momentum, extra = "dsgd", "0", ["--algorithm.optimizer", "adam"]
+    if name == "diloco_all_adamw":  # DiLoCo itself: AdamW, K = 4, the average of all nodes
+        name, momentum, extra = "diloco", "0", ["--algorithm.optimizer", "adamw", "--algorithm.lr", "0.003",
+                                                "--algorithm.interval", "4", "--algorithm.outer_average", "all"]
     return load_config(["--data.partition", "dirichlet", "--data.batch_size", str(batch), "--topology.name",
                         topology, "--model.name", model,
                         "--algorithm.name", name, "--algorithm.lr", "0.05", "--algorithm.momentum", momentum,
@@ -121,10 +124,13 @@ def test_torchrun_job_and_simulation_write_the_same_run(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [["--algorithm.name", "admm", "--comm.mode", "overlap"],
-                                     ["--comm.mode", "async", "--train.step_delay", "0.02"]], ids=["admm-overlap", "async"])
+                                     ["--comm.mode", "async", "--train.step_delay", "0.02"],
+                                     ["--algorithm.name", "diloco", "--algorithm.interval", "7"]],
+                         ids=["admm-overlap", "async", "diloco"])
 def test_simulated_run_resumes_exactly(setting, tmp_path):
     """admm in overlap (duals, momentum, a message waiting in every checkpoint), dsgd in async with random delays
-    (virtual clocks): 3 epochs straight, or 2 and then --run.resume to 3, end on the same numbers."""
+    (virtual clocks), diloco (anchor, outer momentum; K = 7 ends epochs mid-round): 3 epochs straight, or 2 and
+    then --run.resume to 3, end on the same numbers."""
     base = ["--data.partition", "dirichlet", "--topology.name", "ring", "--model.name", "mlp",
             "--algorithm.momentum", "0.9", "--sim.nodes", "4", *setting,
             "--log.progress", "false", "--log.tensorboard", "false", "--log.plots", "false"]
