@@ -45,9 +45,26 @@ def _run(comm, topology: Topology, fields: dict, x, y) -> dict:
     return {"w": torch.stack(w), "theta": theta.clone(), "bytes": comm.bytes_sent - bytes_before, "P": flat.w.numel()}
 
 
+def _wrapped(comm, x, y) -> torch.Tensor:
+    """all_adamw with the user's own torch.optim.AdamW as the local step (DecentralizedOptimizer(optimizer=...))."""
+    from p2p.network import Network
+    from p2p.optimizer import DecentralizedOptimizer
+
+    model, flat = _model()
+    inner = torch.optim.AdamW(flat.params, lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"])
+    opt = DecentralizedOptimizer(flat, Network(comm, RING), "diloco", optimizer=inner, interval=K,
+                                 outer_average="all")
+    for _ in range(STEPS):
+        _gradient(model, flat, x, y)
+        opt.step()
+    return flat.w.clone()
+
+
 def _all(comm) -> dict:
     x, y = _shard(comm.rank)
-    return {label: _run(comm, TOPOLOGIES[topo], fields, x, y) for label, (topo, fields) in CASES.items()}
+    out = {label: _run(comm, TOPOLOGIES[topo], fields, x, y) for label, (topo, fields) in CASES.items()}
+    out["wrapped"] = _wrapped(comm, x, y)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +118,11 @@ def test_with_the_average_of_all_nodes_the_anchors_stay_identical(runs, label):
 def test_outer_lr_1_without_momentum_is_dsgd(runs, label, dsgd):
     for node in runs:
         assert (node[label]["w"] - node[dsgd]["w"]).abs().max().item() < 1e-6
+
+
+def test_a_wrapped_torch_adamw_is_the_builtin_one(runs):
+    for node in runs:
+        assert torch.equal(node["wrapped"], node["all_adamw"]["w"][-1])
 
 
 def test_bytes_per_round(runs):
