@@ -102,7 +102,7 @@ class AlgorithmConfig:
     l2_lambda: float = 0.0  # loss = mean CE + (l2_lambda / 2) ||w||^2
     mixing: str = "metropolis"  # dsgd, diloco mixing weights: metropolis | uniform | file
     interval: int = 0  # K: exchange after every K-th local step; 0 = the topology file's round, else 1 (ISVR: 4)
-    eta: float = 0.05  # pdmm, admm, cadmm: penalty scale, γ c_ij = η v_p / max(d_i, d_j)
+    eta: float = 0.05  # pdmm, admm, cadmm: penalty per round, γ c_ij = η v_p / (K max(d_i, d_j)) per step
     penalty_scale: str = "fan_in"  # primal-dual: fan_in | none
     dual_init: str = "consensus"  # primal-dual: consensus (z_ij = A_ij w_0) | zero (the spec's and the seed's)
     piw: float = 1.0  # ISVR: 0.5 | 1 | 2
