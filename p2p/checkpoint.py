@@ -55,11 +55,13 @@ log = logging.getLogger("p2p")
 KEEP = 2
 MARKER = "started_by"
 LOCK = ".lock"  # held by the job that owns the run directory (RunLock)
-# What a resumed run may change: where and how it runs and logs, and how long. Everything else decides what the
-# earlier epochs' rows mean (the data, its order, the model, the rule and its settings, the graph, the timing), so
-# a resume that changes it is refused with one line naming the field: the run directory stays one experiment's
+# What a resumed run may change: where and how it runs and logs, how long, and the learning rate (each epoch's CSV
+# row records the γ it ran with: lowering it after a divergence is the usual way on). Everything else decides what
+# the earlier epochs' rows mean (the data, its order, the model, the rule and its settings, the graph, the timing),
+# so a resume that changes it is refused with one line naming the field: the run directory stays one experiment's
 # record (docs/faults.md, "What a resume may change"). train.epochs may grow, or shrink to no fewer than are done.
 MAY_CHANGE = ("run.name", "run.dir", "run.device", "run.resume", "data.root", "data.download", "data.workers",
+              "algorithm.lr",
               "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "comm.backend",
               "comm.timeout_s", "log.tensorboard", "log.csv", "log.level", "log.progress", "log.plots", "sim.nodes")
 

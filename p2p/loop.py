@@ -51,6 +51,24 @@ def scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     return None
 
 
+def resume_lr(optimizer: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, lr: float,
+              epoch: int, say: bool = True) -> None:
+    """A resumed run's `--algorithm.lr`: the checkpoint restored the γ it was written with; a new base rate takes
+    over from here, keeping the schedule's position (each epoch's CSV row records the γ it ran with)."""
+    group = optimizer.param_groups[0]
+    base = group.get("initial_lr", group["lr"])
+    if base == lr:
+        return  # unchanged: the restored state as it was, bit for bit
+    if say:
+        log.info("resumed with --algorithm.lr %g (the run had %g): epochs after %d use it; the CSV's lr column "
+                 "records each epoch's", lr, base, epoch)
+    group["lr"] = group["lr"] * lr / base
+    if "initial_lr" in group:
+        group["initial_lr"] = lr
+    if sched is not None:
+        sched.base_lrs = [lr]
+
+
 def loss_function(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loss: the model's own `loss(output, target)` (a mean over the batch) if it has one, else
     cross-entropy of logits (B, C) against class indices (B,)."""

@@ -38,8 +38,8 @@ from p2p.algorithms import FlatParams
 from p2p.comm import Env, read_env, resolve_device
 from p2p.config import Config, ConfigError, one_line
 from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (autocast, drains_at, log_epoch, loss_function, network, optimizer_kwargs, scheduler,
-                      start_run_dir, step_delays, stop_if_nonfinite, task_of)
+from p2p.loop import (autocast, drains_at, log_epoch, loss_function, network, optimizer_kwargs, resume_lr,
+                      scheduler, start_run_dir, step_delays, stop_if_nonfinite, task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.node import Node
@@ -340,6 +340,8 @@ def run(cfg: Config) -> dict[str, float]:
     ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs, fixed,
                                      tcfg.keep_checkpoints) for k in range(n)]
     progress = _begin(cfg, sim, ckpts)
+    for k, node in enumerate(sim.nodes if progress else []):
+        resume_lr(node.optimizer, node.scheduler, cfg.algorithm.lr, progress[0]["epoch"], say=k == 0)
     start_run_dir(cfg, topology, f"{n} simulated nodes, {cfg.algorithm.name} on {device}", sim.W.shape[1])
     if sim.optimizers[0].slots_line.startswith("async"):
         log.warning("the per-edge slots of topology %s are not simulated: every edge exchanges at a round's end",

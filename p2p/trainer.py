@@ -18,7 +18,8 @@ from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
 from p2p.config import Config, config_lines
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.loop import (NonFiniteLoss, autocast, drains_at, evaluate, log_epoch, loss_function, network,
-                      optimizer_kwargs, scheduler, start_run_dir, step_delays, stop_if_nonfinite, task_of)
+                      optimizer_kwargs, resume_lr, scheduler, start_run_dir, step_delays, stop_if_nonfinite,
+                      task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.network import Network
@@ -131,6 +132,8 @@ def run(cfg: Config, started: float | None = None) -> None:
                                        checkpoint.fixed_fields(cfg, env.world_size, topology),
                                        cfg.train.keep_checkpoints)
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
+        if progress:
+            resume_lr(node.optimizer, node.scheduler, cfg.algorithm.lr, progress["epoch"])
         out_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             start_run_dir(cfg, topology, f"{env.world_size} nodes, {cfg.algorithm.name} on {device} ({backend})",

@@ -1,4 +1,5 @@
-"""A resume may change only where and how a run runs and logs, and how long (checkpoint.MAY_CHANGE): any field
+"""A resume may change only where and how a run runs and logs, how long, and the learning rate (checkpoint.MAY_CHANGE;
+each epoch's row records its γ): any field
 that decides what the earlier epochs' rows mean, the graph included, is refused with one line naming it, before
 anything is written; fewer epochs than are done is refused too. In-process (train.main), simulated nodes."""
 
@@ -30,7 +31,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("change,field", [
-    (["--algorithm.lr", "0.02"], "--algorithm.lr 0.1, this launch has 0.02"),
+    (["--algorithm.momentum", "0.5"], "--algorithm.momentum 0.9, this launch has 0.5"),
     (["--topology.name", "complete"], "topology 4 nodes, 4 edges, sha256"),
     (["--comm.mode", "overlap"], "--comm.mode sync, this launch has overlap"),
     (["--run.seed", "3"], "--run.seed 0, this launch has 3"),
@@ -46,9 +47,12 @@ def test_a_resume_that_changes_the_record_is_refused(run_dir, capsys, change, fi
     assert after == before  # config.toml, topology.json and the CSVs are the earlier epochs' record, untouched
 
 
-def test_a_resume_may_run_longer_and_log_differently(run_dir):
+def test_a_resume_may_run_longer_log_differently_and_lower_the_rate(run_dir):
+    """--algorithm.lr may change (after a divergence, the usual way on): each epoch's row records its γ."""
     assert train.main([*RUN, "--run.dir", str(run_dir), "--run.resume", "--train.epochs", "3",
-                       "--comm.timeout_s", "60", "--log.level", "warning"]) == 0
+                       "--comm.timeout_s", "60", "--log.level", "warning", "--algorithm.lr", "0.02"]) == 0
     for k in range(4):
-        assert [r["epoch"] for r in csv_rows(run_dir / f"node{k}.csv")] == [1, 2, 3]
+        rows = csv_rows(run_dir / f"node{k}.csv")
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        assert [r["lr"] for r in rows] == [0.1, 0.1, 0.02]
     assert re.search(r"^epochs = 3$", (run_dir / "config.toml").read_text(), re.M)
