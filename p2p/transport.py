@@ -287,13 +287,15 @@ class Transport:
         return t
 
     def state_dict(self) -> dict:
-        """Messages completed but not yet applied (call after `drain`: nothing is in flight)."""
+        """Messages completed but not yet applied (call after `drain`: nothing is in flight), and the epoch's
+        counts so far (a checkpoint inside an epoch: the resumed epoch's row counts all of it)."""
         assert not any(self.in_flight.values()), "drain before a checkpoint"
         return {"round": self.round, "ready": {j: self._payload(msg) for j, (_, msg) in self.ready.items()},
-                "ready_round": {j: built for j, (built, _) in self.ready.items()}}
+                "ready_round": {j: built for j, (built, _) in self.ready.items()}, "stats": dict(self._stats)}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
+        self._stats = {**fresh_stats(), **state.get("stats", {})}
         self.ready = {j: (state["ready_round"][j], self._wire(msg)) for j, msg in state["ready"].items()}
 
 
@@ -454,11 +456,13 @@ class InMemory:
         edge can still be applied), plus node k's clock."""
         newest = {j: letters[-1] for j, letters in self.inbox[k].items() if letters}
         return {"round": self.round, "ready": {j: msg for j, (_, msg, _) in newest.items()},
-                "ready_round": {j: built for j, (built, _, _) in newest.items()}, "clock": self.now[k]}
+                "ready_round": {j: built for j, (built, _, _) in newest.items()}, "clock": self.now[k],
+                "stats": dict(self._stats[k])}
 
     def load_state_dict(self, k: int, state: dict) -> None:
         """Node k's state from `state_dict` or a real node's checkpoint (no clock: 0)."""
         self.round, self.now[k], self.posted[k] = state["round"], state.get("clock", 0.0), {}
+        self._stats[k] = {**fresh_stats(), **state.get("stats", {})}
         self.inbox[k] = {j: deque([[state["ready_round"][j], msg.clone(), True]]) for j, msg in state["ready"].items()}
 
 
