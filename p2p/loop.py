@@ -41,8 +41,9 @@ class Stopped(Exception):
 
 class StopSignals:
     """SIGTERM and SIGINT, from construction to `restore()`, only record that a stop was asked for;
-    the loop stops at a step every node agrees on (`agreed`) and checkpoints there. A second signal stops at once
-    (KeyboardInterrupt: exit code 130, the checkpoints written before are kept)."""
+    the loop stops at a step every node agrees on (`agreed`) and checkpoints there. A second SIGINT (Ctrl-C twice)
+    stops at once (KeyboardInterrupt: exit code 130, the checkpoints written before are kept); more SIGTERMs (Slurm
+    signals torchrun and its workers, and torchrun passes its own on) change nothing."""
 
     def __init__(self) -> None:
         self.signum = 0  # the first signal received, 0 while none
@@ -56,8 +57,10 @@ class StopSignals:
             signal.signal(s, old)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
+        if self.signum:  # Slurm signals torchrun and its workers alike, then torchrun passes it on: one stop
+            if self.signum == signum == signal.SIGINT:  # Ctrl-C twice: now
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         log.warning("%s received: stopping at a step every node agrees on, after a checkpoint there",
                     signal.Signals(signum).name)
