@@ -178,7 +178,8 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             delays, delay_s = step_delays(cfg, env.rank, epoch), 0.0
             sampler, batch = node.loader.sampler.generator.get_state(), 0  # at the epoch's start, for midway's
             if partial:  # resumed inside this epoch
-                (loss_sum, correct, n_seen, delay_s), batch, partial = partial_sums(partial, delays), progress["batch"], None
+                loss_sum, correct, n_seen, delay_s = partial_sums(partial, delays)
+                batch, partial = progress["batch"], None
             try:
                 for x, y in skip_batches(node.loader, batch):
                     lr = node.optimizer.param_groups[0]["lr"]  # γ_t of this step

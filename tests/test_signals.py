@@ -114,7 +114,8 @@ def test_sigterm_stops_every_node_at_one_step_and_resume_finishes_the_run(mode, 
     assert 100 < step <= 200 and (mode == "async" or step % 16 == 0), step
     assert sorted(p.name for p in (run / "ckpt").glob("*_step*.pt")) == [f"node{r}_step{step}.pt" for r in range(4)]
     _torchrun(run, tmp_path / "resumed.txt", [*args, "--run.resume"])
-    assert f"resumed inside epoch 2, after its batch {step - 100} (step {step})" in (tmp_path / "resumed.txt").read_text()
+    resumed = (tmp_path / "resumed.txt").read_text()
+    assert f"resumed inside epoch 2, after its batch {step - 100} (step {step})" in resumed
     assert [epochs(run, r) for r in range(4)] == [[1, 2]] * 4
     if mode == "sync":
         assert _results(run) == _results(reference)
