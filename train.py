@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from p2p.checkpoint import follow_agent  # noqa: E402
 from p2p.comm import PeerFailure  # noqa: E402
 from p2p.config import Config, ConfigError, load_config, one_line, to_toml  # noqa: E402
-from p2p.loop import NonFiniteLoss  # noqa: E402
+from p2p.loop import NonFiniteLoss, Stopped  # noqa: E402
 from p2p.trainer import run  # noqa: E402
 
 
@@ -54,6 +54,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"error: cannot write to {e.filename or cfg.out_dir} ({e.strerror}): free some space or pick "
                          f"another --run.dir\n")
         return 1
+    except Stopped as e:  # SIGTERM or SIGINT: every node checkpointed at one step (docs/faults.md)
+        if os.environ.get("RANK", "0") == "0":  # one line for the network
+            sys.stderr.write(f"{e}\n")
+        return e.code
     except KeyboardInterrupt:  # Ctrl-C (a torchrun job's workers get SIGTERM from their agent instead)
         sys.stderr.write("error: interrupted (--run.resume continues the run from its newest checkpoint, if it has "
                          "one)\n")

@@ -40,7 +40,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
@@ -61,8 +61,8 @@ LOCK = ".lock"  # held by the job that owns the run directory (RunLock)
 # so a resume that changes it is refused with one line naming the field: the run directory stays one experiment's
 # record (docs/faults.md, "What a resume may change"). train.epochs may grow, or shrink to no fewer than are done.
 MAY_CHANGE = ("run.name", "run.dir", "run.device", "run.resume", "data.root", "data.download", "data.workers",
-              "algorithm.lr",
-              "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "comm.backend",
+              "algorithm.lr", "train.epochs", "train.eval_every", "train.checkpoint_every",
+              "train.checkpoint_every_steps", "train.keep_checkpoints", "comm.backend",
               "comm.timeout_s", "log.tensorboard", "log.csv", "log.level", "log.progress", "log.plots", "sim.nodes")
 
 
@@ -165,19 +165,38 @@ class Checkpointer:
     it from a checkpoint. Saving the last epoch lets `--run.resume` extend a finished run."""
 
     def __init__(self, ckpt_dir: Path, rank: int, every: int, last: int, fixed: dict[str, object] | None = None,
-                 keep: int = KEEP):
+                 keep: int = KEEP, every_steps: int = 0):
         self.dir, self.rank, self.every, self.last = ckpt_dir, rank, every, last
         self.fixed = fixed or {}  # fixed_fields(): recorded in every checkpoint, compared when loading
         self.keep = keep  # newest files kept (0: all); resuming reads only the KEEP newest
+        self.every_steps = every_steps  # also inside an epoch, every this many (global) steps; 0: never
 
     def _path(self, epoch: int) -> Path:
         return self.dir / f"node{self.rank}_epoch{epoch}.pt"
 
-    def epochs(self) -> list[int]:
-        """Epochs this node has checkpoint files of, oldest first."""
-        pattern = re.compile(rf"node{self.rank}_epoch(\d+)\.pt")
-        found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_epoch*.pt")]
+    def _step_path(self, step: int) -> Path:
+        return self.dir / f"node{self.rank}_step{step}.pt"
+
+    def epochs(self, kind: str = "epoch") -> list[int]:
+        """Epochs this node has checkpoint files of, oldest first (kind "step": global steps of its checkpoints
+        inside an epoch)."""
+        pattern = re.compile(rf"node{self.rank}_{kind}(\d+)\.pt")
+        found = [pattern.fullmatch(p.name) for p in self.dir.glob(f"node{self.rank}_{kind}*.pt")]
         return sorted(int(m.group(1)) for m in found if m)
+
+    def due_step(self, step: int) -> bool:
+        """Whether a checkpoint is written inside the epoch after global step `step` (train.checkpoint_every_steps)."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def save_midway(self, node: Node, comm: Comm, progress: dict, sampler: torch.Tensor) -> None:
+        """Write a checkpoint inside an epoch, `node<rank>_step<step>.pt`: `progress` ({"epoch": epochs done,
+        "step", "wall_s", "batch": batches of the next epoch taken, "partial": its sums so far}) and all state,
+        with `sampler` (the generator's state at the epoch's start) as the sampler's. Keeps the two newest."""
+        if not self._save(self._step_path(progress["step"]), node, comm, progress, sampler):
+            return
+        for old in self.epochs("step")[:-KEEP]:
+            self._step_path(old).unlink(missing_ok=True)
+            checksum_path(self._step_path(old)).unlink(missing_ok=True)
 
     def due(self, epoch: int) -> bool:
         """Whether `maybe_save` writes after `epoch`."""
@@ -188,6 +207,18 @@ class Checkpointer:
         epoch = progress["epoch"]
         if not self.due(epoch):
             return
+        if not self._save(self._path(epoch), node, comm, progress, node.loader.sampler.generator.get_state()):
+            return
+        for old in self.epochs()[:-self.keep] if self.keep else []:
+            self._path(old).unlink(missing_ok=True)
+            checksum_path(self._path(old)).unlink(missing_ok=True)
+        for old in self.epochs("step"):  # inside epochs up to this one: superseded
+            if old <= progress["step"]:
+                self._step_path(old).unlink(missing_ok=True)
+                checksum_path(self._step_path(old)).unlink(missing_ok=True)
+
+    def _save(self, path: Path, node: Node, comm: Comm, progress: dict, sampler: torch.Tensor) -> bool:
+        """Write `progress` and all state to `path`, atomically, checksum first; whether it reads back verified."""
         state = {
             "progress": progress,
             "fixed": self.fixed,
@@ -200,12 +231,12 @@ class Checkpointer:
                 "cuda": torch.cuda.get_rng_state(comm.device) if comm.device.type == "cuda" else torch.empty(0),
                 "numpy": _numpy_state(),
                 "python": random.getstate(),
-                "sampler": node.loader.sampler.generator.get_state(),
+                "sampler": sampler,
             },
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        path, data = self._path(epoch), buf.getbuffer()
+        data = buf.getbuffer()
         self.dir.mkdir(parents=True, exist_ok=True)
         # the checksum first: a checkpoint under its real name always has one (its own, or an older one's that
         # fails it, if the second rename never happens)
@@ -216,31 +247,36 @@ class Checkpointer:
             _verified_bytes(path)
         except ValueError as e:
             log.warning("checkpoint %s does not read back as written (%s): keeping the older ones", path, e)
-            return
-        for old in self.epochs()[:-self.keep] if self.keep else []:
-            self._path(old).unlink(missing_ok=True)
-            checksum_path(self._path(old)).unlink(missing_ok=True)
+            return False
+        return True
 
     def readable(self, device: torch.device) -> dict[int, dict]:
         """This node's KEEP newest checkpoints that verify and load, by epoch. One that does not (truncated,
         corrupt, changed) is skipped with a warning naming it, so the network falls back to an older epoch that
         every node can read."""
+        return self._readable(device, "epoch")
+
+    def _readable(self, device: torch.device, kind: str) -> dict[int, dict]:
         states: dict[int, dict] = {}
-        for epoch in reversed(self.epochs()):
+        path = self._path if kind == "epoch" else self._step_path
+        for key in reversed(self.epochs(kind)):
             if len(states) == KEEP:
                 break
             try:
-                states[epoch] = read_checkpoint(self._path(epoch), device)
+                states[key] = read_checkpoint(path(key), device)
             except ValueError as e:
-                log.warning("checkpoint %s cannot be read (%s): not resuming from it", self._path(epoch), e)
+                log.warning("checkpoint %s cannot be read (%s): not resuming from it", path(key), e)
         return states
 
-    def load(self, epoch: int, state: dict, node: Node, comm: Comm) -> dict:
-        """Restore `node` and `comm` from this node's checkpoint of `epoch`, read by `readable`.
+    def load(self, epoch: int, state: dict, node: Node, comm: Comm, step: int | None = None) -> dict:
+        """Restore `node` and `comm` from this node's checkpoint of `epoch` (or inside an epoch, at global `step`),
+        read by `readable`.
 
-        Returns its progress ({"epoch", "step", "wall_s"}); ConfigError when it belongs to another setting.
+        Returns its progress ({"epoch", "step", "wall_s"}, inside an epoch also "batch" and "partial"); ConfigError
+        when it belongs to another setting.
         """
-        path, own_config = self._path(epoch), self.dir.parent / "config.toml"
+        path = self._path(epoch) if step is None else self._step_path(step)
+        own_config = self.dir.parent / "config.toml"
         missing = [k for k in ("progress", "model", "optimizer", "bytes_sent", "rng") if k not in state]
         if missing:  # verified, so written like this: by another program or version
             raise ConfigError(f"checkpoint {path} is not a checkpoint of this p2p (it has no {', '.join(missing)}): "
@@ -403,6 +439,7 @@ class Facts:
     logged: list[int]  # epochs in node<rank>.csv
     saved: list[int]  # epochs of this node's checkpoint files
     readable: list[int]  # those of them that load
+    midway: list[int] = field(default_factory=list)  # global steps of the checkpoints inside an epoch that load
 
 
 def _epochs(epochs: list[int]) -> str:
@@ -450,9 +487,23 @@ def node_facts(out_dir: Path, rank: int, ckpt: Checkpointer, device: torch.devic
     """What node `rank` sees of `out_dir`, and its readable checkpoints by epoch."""
     marker = out_dir / MARKER
     states = ckpt.readable(device)
+    midway = ckpt._readable(device, "step")
+    states.update({("step", step): state for step, state in midway.items()})
     return Facts(nonempty=out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()),
                  ours=marker.is_file() and agent in marker.read_text().splitlines(), agent=agent,
-                 logged=logged_epochs(out_dir, rank), saved=ckpt.epochs(), readable=sorted(states)), states
+                 logged=logged_epochs(out_dir, rank), saved=ckpt.epochs(), readable=sorted(k for k in states if
+                                                                                           isinstance(k, int)),
+                 midway=sorted(midway)), states
+
+
+def midway_step(facts: list[Facts], epoch: int | None, states: dict) -> int | None:
+    """The global step of the newest checkpoint inside an epoch that every node can read and that lies after
+    checkpoint `epoch` (None: the run's start), or None: resume from `epoch`. Pure given the gathered facts (and
+    `epoch`'s step, the same in every node's checkpoint), so every rank decides the same."""
+    after = states[epoch]["progress"]["step"] if epoch is not None else -1
+    common = set.intersection(*(set(f.midway) for f in facts))
+    later = [s for s in common if s > after]
+    return max(later) if later else None
 
 
 def mark_started(out_dir: Path, facts: list[Facts], rank: int) -> None:
@@ -474,10 +525,11 @@ def begin(out_dir: Path, resume: bool, node: Node, comm: Comm, ckpt: Checkpointe
     mine, states = node_facts(out_dir, comm.rank, ckpt, comm.device, agent)
     facts = [Facts(**json.loads(b)) for b in comm.all_gather_bytes(json.dumps(asdict(mine)).encode())]
     epoch = decide(facts, resume, out_dir)
+    step = midway_step(facts, epoch, states) if resume or all(f.ours for f in facts) else None
     progress, error = None, ""
-    if epoch is not None:
+    if epoch is not None or step is not None:
         try:
-            progress = ckpt.load(epoch, states[epoch], node, comm)
+            progress = ckpt.load(epoch, states[("step", step) if step is not None else epoch], node, comm, step)
         except ConfigError as e:
             error = str(e)
     comm.agree(error)  # one node's unfit checkpoint stops them all here, not at the next collective
@@ -501,5 +553,8 @@ def nonfinite_message(who: str, epoch: int, ckpt_dir: Path) -> str:
 def log_start(progress: dict | None) -> None:
     if progress is None:
         log.info("starting at epoch 0")
+    elif progress.get("batch"):
+        log.info("resumed inside epoch %d, after its batch %d (step %d)", progress["epoch"] + 1, progress["batch"],
+                 progress["step"])
     else:
         log.info("resumed from epoch %d (step %d)", progress["epoch"], progress["step"])

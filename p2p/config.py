@@ -125,6 +125,7 @@ class TrainConfig:
     gamma: float = 0.9  # step scheduler: decay factor
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     checkpoint_every: int = 1  # checkpoint every N epochs and after the last; 0 = never
+    checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N steps (long epochs); 0 = never
     keep_checkpoints: int = 2  # newest checkpoints each node keeps (>= 2); 0 = all (python -m p2p.evaluate reads them)
     sleep_factor: float = 0.0  # straggler simulation: sleep epoch_time * (0.5 + 0.5 * factor * U[0,1))
     step_delay: float = 0.0  # straggler simulation: mean (s) of an exponential sleep per step; 0 = off
@@ -444,6 +445,7 @@ def validate(cfg: Config) -> None:
         (t.epochs >= 1, "--train.epochs must be >= 1"),
         (t.eval_every >= 1, "--train.eval_every must be >= 1"),
         (t.checkpoint_every >= 0, "--train.checkpoint_every must be >= 0 (0 = never)"),
+        (t.checkpoint_every_steps >= 0, "--train.checkpoint_every_steps must be >= 0 (0 = never)"),
         (t.keep_checkpoints == 0 or t.keep_checkpoints >= 2,
          "--train.keep_checkpoints must be 0 (all) or >= 2 (a node may be one checkpoint ahead of a peer)"),
         (t.step_size >= 1, "--train.step_size must be >= 1"),

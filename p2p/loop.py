@@ -5,8 +5,11 @@ straggler delays, where a node drains, the run directory's header and the epoch'
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +26,95 @@ from p2p.optimizer import resolve_interval
 from p2p.topology import Topology, build_topology
 
 log = logging.getLogger("p2p")
+
+
+STOP_CHECK_STEPS = 16  # sync/overlap nodes agree whether to stop every this many steps (one 1-float all-gather)
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run at `step` (global, in `epoch`), after every node checkpointed there."""
+
+    def __init__(self, signum: int, epoch: int, step: int):
+        self.code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {step}; continue with "
+                         f"--run.resume")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, from construction to `restore()`, only record that a stop was asked for;
+    the loop stops at a step every node agrees on (`agreed`) and checkpoints there. A second SIGINT (Ctrl-C twice)
+    stops at once (KeyboardInterrupt: exit code 130, the checkpoints written before are kept); more SIGTERMs (Slurm
+    signals torchrun and its workers, and torchrun passes its own on) change nothing."""
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first signal received, 0 while none
+        self._old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """The handlers from before: call when the loop ends, however it ends."""
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:  # Slurm signals torchrun and its workers alike, then torchrun passes it on: one stop
+            if self.signum == signum == signal.SIGINT:  # Ctrl-C twice: now
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        log.warning("%s received: stopping at a step every node agrees on, after a checkpoint there",
+                    signal.Signals(signum).name)
+
+    def agreed(self, step: int, comm=None, transport=None) -> int:
+        """The signal every node stops for after global step `step`, 0 to go on.
+
+        With `comm` (nodes that meet: sync, overlap) the nodes compare every STOP_CHECK_STEPS steps, the largest
+        signal number winning. Without it, an async transport (it has `propose_stop`) agrees through its messages
+        on a step ahead (a node that only heard of it stops as for SIGTERM); else (the simulator, one process)
+        the stop is at once."""
+        if comm is not None:
+            if step % STOP_CHECK_STEPS:
+                return 0
+            return int(max(s[0] for s in comm.all_gather_floats([float(self.signum)])))
+        if transport is None or not getattr(transport, "flagged", False):
+            return self.signum
+        if self.signum:
+            transport.propose_stop()
+        stop = transport.stop_step()
+        return (self.signum or signal.SIGTERM) if stop is not None and step >= stop else 0
+
+
+def midway(epoch: int, step: int, wall_s: float, batch: int, loss_sum: torch.Tensor, correct: torch.Tensor,
+           n_seen, delay_s: float) -> dict:
+    """A checkpoint's progress after `batch` batches of `epoch` (global step `step`): the epochs done, and the
+    epoch's sums so far, so that the resumed epoch's train_loss and train_acc are the uninterrupted run's."""
+    return {"epoch": epoch - 1, "step": step, "wall_s": wall_s, "batch": batch,
+            "partial": {"loss_sum": loss_sum.clone(), "correct": correct.clone(), "n_seen": torch.as_tensor(n_seen),
+                        "delay_s": delay_s, "batches": batch}}
+
+
+def partial_sums(partial: dict, delays: Iterator[float] | None) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """A resumed epoch's sums from `midway`'s "partial" (loss_sum, correct, n_seen, delay_s), and `delays`
+    advanced past the batches already taken, as the uninterrupted run drew them."""
+    for _ in range(partial["batches"] if delays else 0):
+        next(delays)
+    return partial["loss_sum"].clone(), partial["correct"].clone(), int(partial["n_seen"]), float(partial["delay_s"])
+
+
+def skip_batches(loader: DataLoader, done: int) -> Iterator:
+    """`loader`'s batches of this epoch after the first `done` (a resume inside an epoch), without loading those.
+
+    The sampler's generator must be at the epoch's start (a checkpoint inside an epoch saves it so); the global
+    torch RNG is left as it is, as the uninterrupted run drew the loader's seed at the epoch's start, before it."""
+    if not done:
+        return iter(loader)
+    rest = list(itertools.islice(iter(loader.batch_sampler), done, None))
+    torch_rng = torch.get_rng_state()
+    batches = iter(DataLoader(loader.dataset, batch_sampler=rest, num_workers=loader.num_workers,
+                              collate_fn=loader.collate_fn, pin_memory=loader.pin_memory))
+    torch.set_rng_state(torch_rng)
+    return batches
 
 
 class NonFiniteLoss(RuntimeError):

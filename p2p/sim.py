@@ -20,6 +20,7 @@ run directory (node<k>.csv, tb/node<k>/, tb/global/, checkpoints, curves.png) an
 
 from __future__ import annotations
 
+import itertools
 import logging
 import resource
 import time
@@ -38,8 +39,9 @@ from p2p.algorithms import FlatParams
 from p2p.comm import Env, read_env, resolve_device
 from p2p.config import Config, ConfigError, one_line
 from p2p.data import Splits, class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (autocast, drains_at, log_epoch, loss_function, network, optimizer_kwargs, resume_lr,
-                      scheduler, start_run_dir, step_delays, stop_if_nonfinite, task_of)
+from p2p.loop import (StopSignals, Stopped, autocast, drains_at, log_epoch, loss_function, midway, network,
+                      optimizer_kwargs, partial_sums, resume_lr, scheduler, start_run_dir, step_delays,
+                      stop_if_nonfinite, task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.node import Node
@@ -187,10 +189,11 @@ class Simulation:
             self._g_mean = self.G.sum(0).div_(self.n)
         return self._g_mean
 
-    def epoch_batches(self) -> Iterator[tuple]:
+    def epoch_batches(self, skip: int = 0) -> Iterator[tuple]:
         """Per step, every node's minibatch: (X, Y) stacked (n, B, ...) when all batches have one size,
-        else lists. Indices come from each node's own sampler, so the order is a real node's."""
-        for picks in zip(*(iter(node.loader.batch_sampler) for node in self.nodes)):
+        else lists. Indices come from each node's own sampler, so the order is a real node's. `skip`: the
+        epoch's first batches, already taken before a resume."""
+        for picks in zip(*(itertools.islice(node.loader.batch_sampler, skip, None) for node in self.nodes)):
             with self.timed("data"):
                 if self.tensors is not None and len({len(p) for p in picks}) == 1:  # one gather for all nodes
                     rows = torch.stack([self.index[k][torch.as_tensor(p)] for k, p in enumerate(picks)])
@@ -307,10 +310,11 @@ def _begin(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer]) -
     found = [checkpoint.node_facts(cfg.out_dir, k, ckpts[k], sim.device, agent) for k in range(sim.n)]
     facts = [f for f, _ in found]
     epoch = checkpoint.decide(facts, cfg.run.resume, cfg.out_dir)
+    step = checkpoint.midway_step(facts, epoch, found[0][1]) if cfg.run.resume or all(f.ours for f in facts) else None
     progress = None
-    if epoch is not None:
-        progress = [ckpts[k].load(epoch, states[epoch], sim.nodes[k], sim.comms[k])
-                    for k, (_, states) in enumerate(found)]
+    if epoch is not None or step is not None:
+        progress = [ckpts[k].load(epoch, states[("step", step) if step is not None else epoch], sim.nodes[k],
+                                  sim.comms[k], step) for k, (_, states) in enumerate(found)]
     checkpoint.mark_started(cfg.out_dir, facts, 0)
     checkpoint.log_start(progress[0] if progress else None)
     return progress
@@ -338,7 +342,7 @@ def run(cfg: Config) -> dict[str, float]:
     sim = Simulation(cfg, topology, splits, shards, device)
     fixed = checkpoint.fixed_fields(cfg, n, topology)
     ckpts = [checkpoint.Checkpointer(cfg.out_dir / "ckpt", k, tcfg.checkpoint_every, tcfg.epochs, fixed,
-                                     tcfg.keep_checkpoints) for k in range(n)]
+                                     tcfg.keep_checkpoints, tcfg.checkpoint_every_steps) for k in range(n)]
     progress = _begin(cfg, sim, ckpts)
     for k, node in enumerate(sim.nodes if progress else []):
         resume_lr(node.optimizer, node.scheduler, cfg.algorithm.lr, progress[0]["epoch"], say=k == 0)
@@ -372,6 +376,8 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                unit="step", dynamic_ncols=True)
     t_start = time.perf_counter() - (progress[0]["wall_s"] if progress else 0.0)
     first_step = step
+    partial = [p.get("partial") for p in progress] if progress and "partial" in progress[0] else None
+    signals = StopSignals()  # SIGTERM/SIGINT (Ctrl-C): stop after this step, checkpointed (docs/faults.md)
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t_epoch, comm_s0 = time.perf_counter(), [c.comm_s for c in sim.comms]
@@ -379,7 +385,12 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
             correct = torch.zeros(n, device=sim.device, dtype=torch.long)
             n_seen = torch.zeros(n, device=sim.device, dtype=torch.long)
             delays = [step_delays(cfg, k, epoch) for k in range(n)]  # per node: a real node k's draws
-            for X, Y in sim.epoch_batches():
+            samplers, batch = [node.loader.sampler.generator.get_state() for node in sim.nodes], 0  # for midway's
+            if partial:  # resumed inside this epoch
+                for k, sums in enumerate(partial_sums(p, d) for p, d in zip(partial, delays)):
+                    loss_sum[k], correct[k], n_seen[k], _ = sums
+                batch, partial = progress[0]["batch"], None
+            for X, Y in sim.epoch_batches(batch):
                 lr = sim.optimizers[0].param_groups[0]["lr"]  # γ_t of this step, every node's
                 with sim.timed("compute"):
                     loss, right, size = sim.gradients(X, Y, cfg.algorithm.l2_lambda)
@@ -398,7 +409,16 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 correct += right
                 n_seen += size
                 step += 1
+                batch += 1
                 bar.update()
+                # a signal: every node checkpoints here and the run stops; or a checkpoint inside the epoch
+                if signals.signum or (ckpts[0].due_step(step) and batch < steps_per_epoch):
+                    wall_s = time.perf_counter() - t_start
+                    for k, node in enumerate(sim.nodes):
+                        ckpts[k].save_midway(node, sim.comms[k], midway(epoch, step, wall_s, batch, loss_sum[k],
+                                                                        correct[k], n_seen[k], 0.0), samplers[k])
+                if signals.signum:
+                    raise Stopped(signals.signum, epoch, step)
             if drains_at(cfg, epoch, ckpts[0]):
                 sim.transport.drain()  # as a real node: every exchange complete where a checkpoint is written
             train_s = time.perf_counter() - t_epoch
@@ -428,6 +448,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                 if ckpts[k].due(epoch):
                     ckpts[k].maybe_save(sim.nodes[k], sim.comms[k], {"epoch": epoch, "step": step, "wall_s": wall_s})
     finally:
+        signals.restore()
         bar.close()
         for m in metrics:
             m.close()

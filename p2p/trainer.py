@@ -17,9 +17,9 @@ from p2p import checkpoint, plots
 from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
 from p2p.config import Config, config_lines
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
-from p2p.loop import (NonFiniteLoss, autocast, drains_at, evaluate, log_epoch, loss_function, network,
-                      optimizer_kwargs, resume_lr, scheduler, start_run_dir, step_delays, stop_if_nonfinite,
-                      task_of)
+from p2p.loop import (NonFiniteLoss, StopSignals, Stopped, autocast, drains_at, evaluate, log_epoch, loss_function,
+                      midway, network, optimizer_kwargs, partial_sums, resume_lr, scheduler, skip_batches,
+                      start_run_dir, step_delays, stop_if_nonfinite, task_of)
 from p2p.metrics import Metrics
 from p2p.models import build_model
 from p2p.network import Network
@@ -130,7 +130,7 @@ def run(cfg: Config, started: float | None = None) -> None:
         comm.check_same(config_lines(cfg) + [topology.fingerprint()])
         ckpt = checkpoint.Checkpointer(out_dir / "ckpt", env.rank, cfg.train.checkpoint_every, cfg.train.epochs,
                                        checkpoint.fixed_fields(cfg, env.world_size, topology),
-                                       cfg.train.keep_checkpoints)
+                                       cfg.train.keep_checkpoints, cfg.train.checkpoint_every_steps)
         progress = checkpoint.begin(out_dir, cfg.run.resume, node, comm, ckpt)
         if progress:
             resume_lr(node.optimizer, node.scheduler, cfg.algorithm.lr, progress["epoch"])
@@ -171,6 +171,8 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
     # async meets nobody during training: no collective before the last epoch's end (docs/exchange-modes.md);
     # a stop travels in the messages, the network's metrics wait for the end (or python -m p2p.evaluate)
     meets = cfg.comm.mode != "async"
+    partial = progress.get("partial") if progress else None  # resumed inside an epoch: its sums so far
+    signals = StopSignals()  # SIGTERM/SIGINT: stop at a step every node agrees on, checkpointed (docs/faults.md)
     try:  # close the writers and the bar however the loop ends, so TensorBoard keeps every point
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             last = epoch == tcfg.epochs
@@ -180,8 +182,12 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             correct = torch.zeros((), device=comm.device, dtype=torch.long)
             n_seen = 0  # samples (tokens), counted: a full batch is the shard, whatever batch_size says
             delays, delay_s = step_delays(cfg, env.rank, epoch), 0.0
+            sampler, batch = node.loader.sampler.generator.get_state(), 0  # at the epoch's start, for midway's
+            if partial:  # resumed inside this epoch
+                loss_sum, correct, n_seen, delay_s = partial_sums(partial, delays)
+                batch, partial = progress["batch"], None
             try:
-                for x, y in node.loader:
+                for x, y in skip_batches(node.loader, batch):
                     lr = node.optimizer.param_groups[0]["lr"]  # γ_t of this step
                     if delays:
                         delay_s += (d := next(delays))
@@ -194,11 +200,19 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
                     correct += right
                     n_seen += y.numel()
                     step += 1
+                    batch += 1
                     bar.update()
                     if startup is not None:
                         startup.mark("first step")  # its optimizer's first call imports torch._dynamo
                         log.info(startup.line())
                         startup = None
+                    # a signal: every node checkpoints at the same step and stops; or a checkpoint inside the epoch
+                    signum = signals.agreed(step, comm if meets else None, node.transport)
+                    if signum or (ckpt.due_step(step) and batch < steps_per_epoch):
+                        ckpt.save_midway(node, comm, midway(epoch, step, time.perf_counter() - t_start, batch, loss_sum,
+                                                            correct, n_seen, delay_s), sampler)
+                    if signum:
+                        raise Stopped(signum, epoch, step)
                 if drains_at(cfg, epoch, ckpt):  # async waits for its neighbours' exchanges only there
                     node.transport.drain()
             except NetworkStop as e:  # async: a node stopped the run; pass it on, then stop
@@ -242,5 +256,6 @@ def train_loop(cfg: Config, env: Env, comm: Comm, node: Node, ckpt: checkpoint.C
             if ckpt.due(epoch):  # (async drained only then)
                 ckpt.maybe_save(node, comm, {"epoch": epoch, "step": step, "wall_s": row["wall_s"]})
     finally:
+        signals.restore()
         bar.close()
         metrics.close()

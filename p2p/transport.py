@@ -195,6 +195,21 @@ class Transport:
             time.sleep(0.001)
         self.comm.failed = True  # work that never completes stays in the group: leave it to the process exit
 
+    def propose_stop(self) -> None:
+        """Async: stop the whole network at a global step no node can have passed when it hears of it (a signal).
+
+        No node may be more than S rounds ahead of a neighbour, so a flag that this node puts into its next
+        messages (round r) reaches every node within (n - 1)(S + 1) of its own rounds, on any connected graph, and
+        every node hears of step T = (r + (n - 1)(S + 1) + 2) K before it takes it. Proposals meet in the messages:
+        the earliest step wins. The step travels in the message's last element as -(T + 1) < 0 (exact in float32
+        to T = 2^24)."""
+        if self.flagged and not self.stop_flag:
+            self.stop_flag = -float((self.round + (self.comm.world_size - 1) * (self.S + 1) + 2) * self.K + 1)
+
+    def stop_step(self) -> int | None:
+        """The global step at which the network stops gracefully (propose_stop), once this node has heard of it."""
+        return int(-self.stop_flag) - 1 if self.stop_flag < 0 else None
+
     def _raise_if_stopped(self) -> None:
         if self.stopped_peers:
             peer, origin = next(iter(self.stopped_peers.items()))
@@ -237,7 +252,10 @@ class Transport:
                 self.completed[j] = self.completed.get(j, 0) + 1
                 self._stats["exchanges"] += 1
                 self._pool.append(one.sent)
-                if self.flagged and (flag := one.received[-1].item()):
+                flag = one.received[-1].item() if self.flagged else 0.0
+                if flag < 0:  # a graceful stop at global step -flag - 1 (propose_stop); the payload is real
+                    self.stop_flag = flag if self.stop_flag == 0 else max(self.stop_flag, flag)  # the earliest step
+                elif flag:
                     self.stopped_peers[j] = int(flag) - 1
                     self._pool.append(one.received)
                     continue
@@ -269,13 +287,15 @@ class Transport:
         return t
 
     def state_dict(self) -> dict:
-        """Messages completed but not yet applied (call after `drain`: nothing is in flight)."""
+        """Messages completed but not yet applied (call after `drain`: nothing is in flight), and the epoch's
+        counts so far (a checkpoint inside an epoch: the resumed epoch's row counts all of it)."""
         assert not any(self.in_flight.values()), "drain before a checkpoint"
         return {"round": self.round, "ready": {j: self._payload(msg) for j, (_, msg) in self.ready.items()},
-                "ready_round": {j: built for j, (built, _) in self.ready.items()}}
+                "ready_round": {j: built for j, (built, _) in self.ready.items()}, "stats": dict(self._stats)}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
+        self._stats = {**fresh_stats(), **state.get("stats", {})}
         self.ready = {j: (state["ready_round"][j], self._wire(msg)) for j, msg in state["ready"].items()}
 
 
@@ -436,11 +456,13 @@ class InMemory:
         edge can still be applied), plus node k's clock."""
         newest = {j: letters[-1] for j, letters in self.inbox[k].items() if letters}
         return {"round": self.round, "ready": {j: msg for j, (_, msg, _) in newest.items()},
-                "ready_round": {j: built for j, (built, _, _) in newest.items()}, "clock": self.now[k]}
+                "ready_round": {j: built for j, (built, _, _) in newest.items()}, "clock": self.now[k],
+                "stats": dict(self._stats[k])}
 
     def load_state_dict(self, k: int, state: dict) -> None:
         """Node k's state from `state_dict` or a real node's checkpoint (no clock: 0)."""
         self.round, self.now[k], self.posted[k] = state["round"], state.get("clock", 0.0), {}
+        self._stats[k] = {**fresh_stats(), **state.get("stats", {})}
         self.inbox[k] = {j: deque([[state["ready_round"][j], msg.clone(), True]]) for j, msg in state["ready"].items()}
 
 
