@@ -316,13 +316,33 @@ class Comm:
                           f"but {theirs.get(key, '(absent)')} on node {other}; launch every host with the same "
                           f"command and files")
 
+    def report_failure(self, reason: str) -> None:
+        """Leave why this node stops in the rendezvous store, so that the nodes left waiting for it say so instead
+        of advising a restart, which cannot help a local, repeatable failure. Best effort: no store, no report."""
+        try:
+            dist.distributed_c10d._get_default_store().set(f"p2p_failed_{self.rank}", reason[:300])
+        except Exception:  # noqa: BLE001 - the group may be gone; the process is stopping anyway
+            pass
+
+    def _peer_failures(self) -> list[str]:
+        """The reasons other nodes left with `report_failure`, as "node k stopped: reason"."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            keys = {r: f"p2p_failed_{r}" for r in range(self.world_size) if r != self.rank}
+            return [f"node {r} stopped: {store.get(k).decode()}" for r, k in keys.items() if store.check([k])]
+        except Exception:  # noqa: BLE001 - the store went with its host: fall back to the generic line
+            return []
+
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
-        """Turn a backend error or timeout into one line naming the peers this node waited for."""
+        """Turn a backend error or timeout into one line naming the peers this node waited for, and the reason a
+        peer gave when it stopped (report_failure), where it left one."""
         try:
             yield
         except RuntimeError as e:  # DistBackendError, DistStoreError, gloo timeouts and closed connections all are
             self.failed = True
+            if known := self._peer_failures():
+                raise PeerFailure(f"node {self.rank}: {what} failed: {'; '.join(known)}") from e
             raise PeerFailure(f"node {self.rank}: {what} failed (timeout {self.timeout.total_seconds():.0f}s): "
                               f"{one_line(e)}; a peer died or hangs, restart with torchrun --max-restarts") from e
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from p2p import checkpoint, plots
-from p2p.comm import Comm, Env, check_restarts, read_env, resolve_device
-from p2p.config import Config, config_lines
+from p2p.comm import Comm, Env, PeerFailure, check_restarts, read_env, resolve_device
+from p2p.config import Config, config_lines, one_line
 from p2p.data import class_histogram, eval_loader, load_splits, node_loader, partition
 from p2p.loop import (NonFiniteLoss, StopSignals, Stopped, autocast, drains_at, evaluate, log_epoch, loss_function,
                       midway, network, optimizer_kwargs, partial_sums, resume_lr, scheduler, skip_batches,
@@ -150,6 +150,10 @@ def run(cfg: Config, started: float | None = None) -> None:
         comm.barrier()
         if env.is_main and cfg.log.plots and cfg.log.csv:
             plots.plot_run(out_dir)
+    except BaseException as e:  # this node stops: its neighbours, left waiting, name it and the reason
+        if not isinstance(e, PeerFailure):
+            comm.report_failure(f"{type(e).__name__}: {one_line(e)}")
+        raise
     finally:
         comm.stop()
 

@@ -212,7 +212,7 @@ def test_adam_for_the_torch_optimizer_rules(name, optimizer):
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_adam_for_the_other_rules_is_one_line(name, optimizer):
     with pytest.raises(ConfigError, match=f"^--algorithm.optimizer {optimizer} is only for local, allreduce, dsgd, "
-                                          f"gossip, choco; {name} uses SGD"):
+                                          f"gossip, choco, diloco; {name} uses SGD"):
         load_config(["--algorithm.name", name, "--algorithm.optimizer", optimizer])
 
 

@@ -54,6 +54,12 @@ def test_every_algorithm_accepts_every_shipped_config(path, name, monkeypatch):
         with pytest.raises(ConfigError, match=f"does not fit --algorithm.name {name}"):  # one line, by design
             load_config(["--config", str(path), "--algorithm.name", name])
         return
+    from p2p.config import TORCH_OPTIMIZER
+
+    if name not in TORCH_OPTIMIZER and load_config(["--config", str(path)]).algorithm.optimizer != "sgd":
+        with pytest.raises(ConfigError, match=f"is only for .*; {name} uses SGD"):  # one line, by design
+            load_config(["--config", str(path), "--algorithm.name", name])
+        return
     cfg = load_config(["--config", str(path), "--algorithm.name", name])
     topology = build_topology(cfg.topology, load_topology(cfg.topology.path).n) if cfg.topology.path else generate("ring", 4)
     resolve_interval(cfg.algorithm, topology)
