@@ -24,7 +24,6 @@ counter could not tell these apart, and it is per host.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from p2p.comm import Comm
-from p2p.config import Config, ConfigError, one_line
+from p2p.config import Config, ConfigError, field_values, one_line
 from p2p.metrics import logged_epochs
 from p2p.node import Node
 from p2p.topology import Topology
@@ -72,10 +71,7 @@ def fixed_fields(cfg: Config, world_size: int, topology: Topology | None = None)
     fields: dict[str, object] = {"world size": world_size}
     if topology is not None:
         fields["topology"] = topology.fingerprint().removeprefix("topology graph = ")
-    for section in dataclasses.fields(cfg):
-        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            if f"{section.name}.{key}" not in MAY_CHANGE:
-                fields[f"--{section.name}.{key}"] = value
+    fields.update({f"--{flag}": value for flag, value in field_values(cfg).items() if flag not in MAY_CHANGE})
     return fields
 
 

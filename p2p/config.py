@@ -499,12 +499,13 @@ def to_toml(cfg: Config) -> str:
 HOST_FIELDS = ("data.root", "data.download", "data.workers")
 
 
+def field_values(cfg: Config) -> dict[str, Any]:
+    """{"section.key": value} for every field, in the dataclasses' order."""
+    return {f"{section.name}.{key}": value for section in dataclasses.fields(cfg)
+            for key, value in dataclasses.asdict(getattr(cfg, section.name)).items()}
+
+
 def config_lines(cfg: Config) -> list[str]:
     """`section.key = value` for every field all ranks must share, for comparing ranks (with the graph's
     `Topology.fingerprint()`)."""
-    lines = []
-    for section in dataclasses.fields(cfg):
-        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            if f"{section.name}.{key}" not in HOST_FIELDS:
-                lines.append(f"{section.name}.{key} = {_toml_value(value)}")
-    return lines
+    return [f"{flag} = {_toml_value(value)}" for flag, value in field_values(cfg).items() if flag not in HOST_FIELDS]

@@ -177,12 +177,15 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
     """Mean loss and accuracy of `model` on a whole split, per sample (per token for a language model)."""
     model.eval()
-    own = getattr(model, "loss", None)
+    loss_fn = loss_function(model)
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         out = model(x)
-        loss_sum += own(out, y).item() * y.numel() if callable(own) else F.cross_entropy(out, y, reduction="sum").item()
+        if loss_fn is F.cross_entropy:  # summed in one call, as before the model could bring its own
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        else:  # the model's own loss, a batch mean
+            loss_sum += loss_fn(out, y).item() * y.numel()
         correct += (out.argmax(-1) == y).sum().item()
         count += y.numel()
     model.train()

@@ -52,7 +52,8 @@ def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
     return None
 
 
-def edge_slots(cfg: AlgorithmConfig, mode: str, topology: Topology, rule: Algorithm) -> tuple[dict[int, int] | None, str]:
+def edge_slots(cfg: AlgorithmConfig, mode: str, topology: Topology,
+               rule: Algorithm) -> tuple[dict[int, int] | None, str]:
     """{neighbour j: the step of a round at which edge (i, j) exchanges}: the slot of its lower-ranked end in
     the seed's node_list.json, so both ends agree. Only in async with K = the file's round (what the slots
     were made for); otherwise None and why, for a log line (docs/exchange-modes.md)."""
@@ -121,7 +122,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if flat.w.device != net.device:
             raise ConfigError(f"the parameters are on {flat.w.device} but this node's network device is "
                               f"{net.device}: move the model first, model.to(net.device)")
-        if inner is not None and {id(p) for g in inner.param_groups for p in g["params"]} != {id(p) for p in flat.params}:
+        wrapped = {id(p) for group in (inner.param_groups if inner is not None else []) for p in group["params"]}
+        if inner is not None and wrapped != {id(p) for p in flat.params}:
             raise ConfigError(f"optimizer={type(inner).__name__}(...) must be built over exactly the trainable "
                               f"parameters given to DecentralizedOptimizer")
         if net.started:  # the library's path: every rank checks now; the trainer compared its config already
@@ -179,8 +181,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             g.mul_(scale.double().reciprocal().float().to(g.dtype))  # as GradScaler.unscale_ does
         if self.rule.averages_gradients:
             self.transport.average_gradient(g)
-        skip = (found_inf is not None and found_inf.item() > 0) or \
-            (self.rule.averages_gradients and found_inf is not None and not torch.isfinite(g).all().item())
+        # allreduce: a node's infinity is in everyone's mean now, so all skip together
+        skip = found_inf is not None and (found_inf.item() > 0 or (self.rule.averages_gradients
+                                                                   and not torch.isfinite(g).all().item()))
         if not skip:
             if self.cfg.l2_lambda:
                 g.add_(self.flat.w, alpha=self.cfg.l2_lambda)
@@ -236,11 +239,7 @@ def _flatten(params, inner: torch.optim.Optimizer | None) -> FlatParams:
     tensors = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
     if not tensors:
         raise ConfigError("DecentralizedOptimizer got no trainable parameters (is the model empty, or frozen?)")
-    kinds = sorted({f"{p.dtype} on {p.device}" for p in tensors})
-    if len(kinds) > 1:
-        raise ConfigError(f"all trainable parameters must share one dtype and device, found {' and '.join(kinds)}: "
-                          f"model.to(device, dtype) first (autocast keeps parameters in one dtype)")
-    return FlatParams(tensors)
+    return FlatParams(tensors)  # one line when their dtypes or devices differ
 
 
 def mean_and_spread(w: torch.Tensor, comm) -> tuple[torch.Tensor, float]:

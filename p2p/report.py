@@ -126,7 +126,8 @@ def summarize(run_dir: Path, name: str) -> dict:
         "test_acc_mean": sum(accs) / len(accs) if accs else None, "test_acc_min": min(accs, default=None),
         "test_acc_max": max(accs, default=None),
         "test_acc_mean_epoch": min((e for _, e in newest_acc), default=None),
-        "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch, "avg_test_bpc": _newest(run["network"], "avg_test_bpc")[0],
+        "avg_test_acc": avg_acc, "avg_test_acc_epoch": avg_epoch,
+        "avg_test_bpc": _newest(run["network"], "avg_test_bpc")[0],
         "consensus_dist": consensus, "consensus_dist_epoch": consensus_epoch,
         "mb_sent": sum(sent) / len(sent) / 1e6 if sent else None, "wall_s": max(wall, default=None),
     }

@@ -134,9 +134,9 @@ class Simulation:
         batchnorm = [n for n, m in self.template.named_modules()
                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if batchnorm:
-            raise ConfigError(f"--sim.nodes cannot simulate model {cfg.model.name}: its BatchNorm layers ({batchnorm[0]}, "
-                              f"...) update running statistics in place, which one batched call for all nodes cannot "
-                              f"do per node; use GroupNorm or LayerNorm, or launch with torchrun")
+            raise ConfigError(f"--sim.nodes cannot simulate model {cfg.model.name}: its BatchNorm layers "
+                              f"({batchnorm[0]}, ...) update running statistics in place, which one batched call for "
+                              f"all nodes cannot do per node; use GroupNorm or LayerNorm, or launch with torchrun")
         self.like = {name: p for name, p in self.template.named_parameters() if p.requires_grad}
         first = {id(p): name for name, p in self.like.items()}  # a tied parameter's every name -> its first one
         self.aliases = {name: first[id(p)] for name, p in self.template.named_parameters(remove_duplicate=False)
@@ -155,7 +155,6 @@ class Simulation:
         kwargs = {**optimizer_kwargs(cfg), "l2_lambda": 0.0}
         self.optimizers = [DecentralizedOptimizer(FlatParams.row(list(self.like.values()), self.W[k], self.G[k]),
                                                   SimNetwork(k, self, topology), **kwargs) for k in range(self.n)]
-        self.rules = [opt.rule for opt in self.optimizers]
         loaders = [node_loader(splits, shards[k], cfg.data, seed=cfg.run.seed + k, n_nodes=self.n)
                    for k in range(self.n)]
         val, test = eval_loader(splits.val, 1000), eval_loader(splits.test, 1000)
@@ -239,7 +238,8 @@ class Simulation:
         self._batched_once = True
         return out
 
-    def _gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple, l2_lambda: float) -> tuple[torch.Tensor, ...]:
+    def _gradients(self, X: torch.Tensor | tuple, Y: torch.Tensor | tuple,
+                   l2_lambda: float) -> tuple[torch.Tensor, ...]:
         W = self.W.detach().requires_grad_()  # shares W's storage; the gradient lands in W.grad
         params = self.param_views(W)
         with autocast(self.device, self.precision):  # train.precision, as a real node's forward
@@ -430,7 +430,7 @@ def train_loop(cfg: Config, sim: Simulation, ckpts: list[checkpoint.Checkpointer
                        "train_acc": train_acc[k], "lr": lr, "bytes_sent": comm.bytes_sent,
                        "comm_s": comm.comm_s - comm_s0[k], "sleep_s": 0.0}
                 row["compute_s"] = train_s / n - row["comm_s"]  # each node's share of the process's time
-                rows.append({**row, **sim.rules[k].diagnostics(lr)})
+                rows.append({**row, **sim.optimizers[k].rule.diagnostics(lr)})
 
             stop_if_nonfinite(train_loss, epoch, ckpts[0].dir)
 

@@ -78,7 +78,8 @@ def load_text(cfg: DataConfig) -> tuple[Windows, np.ndarray, Windows, Windows, i
     T, n = cfg.seq_len, len(ids)
     test_start = int(n * (1 - TEST_FRACTION))
     val_start = int(test_start - n * cfg.val_fraction)
-    if val_start < 2 * (T + 1) or test_start - val_start < (T + 1) * int(cfg.val_fraction > 0) or n - test_start < T + 1:
+    too_short = test_start - val_start < (T + 1) * int(cfg.val_fraction > 0) or n - test_start < T + 1
+    if val_start < 2 * (T + 1) or too_short:
         raise ConfigError(f"the corpus ({n} tokens) is too short for --data.seq_len {T}: lower it or use more text")
 
     def starts(a: int, b: int) -> np.ndarray:  # non-overlapping windows inside [a, b), each with its shifted target

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p2p.config import AlgorithmConfig
+from p2p.config import AlgorithmConfig, ConfigError
 from p2p.topology import Topology
 
 
@@ -21,9 +21,10 @@ class FlatParams:
     def __init__(self, model: nn.Module | list[torch.Tensor]):
         params = model.parameters() if isinstance(model, nn.Module) else model
         self.params = [p for p in params if p.requires_grad]
-        first = self.params[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
-            raise ValueError("all trainable parameters must share one dtype and device")
+        kinds = sorted({f"{p.dtype} on {p.device}" for p in self.params})
+        if len(kinds) > 1:
+            raise ConfigError(f"all trainable parameters must share one dtype and device, found {' and '.join(kinds)}: "
+                              f"model.to(device, dtype) first (autocast keeps parameters in one dtype)")
         self.w = torch.cat([p.detach().reshape(-1) for p in self.params])  # (P,)
         self.g = torch.zeros_like(self.w)  # (P,)
         for p, (w, g) in zip(self.params, self._views(self.params)):
@@ -72,7 +73,8 @@ class Algorithm:
         receive(msgs)    what the rule does with received messages {j: tensor}
 
     A rule never calls the network and holds no process group: `p2p.DecentralizedOptimizer` is where a
-    rule meets a transport, and the transport decides when messages travel and which received ones it hands over (`sync`: this round's; `overlap`, `async`: older ones, at most one per edge
+    rule meets a transport, and the transport decides when messages travel and which received ones it hands
+    over (`sync`: this round's; `overlap`, `async`: older ones, at most one per edge
     and each once; possibly for only some neighbours). The tensors `messages()` returns may be the
     rule's own buffers (the transport copies what it keeps in flight); those `receive()` gets are
     valid only during the call (copy what is kept). Everything with state (duals, neighbour copies,
