@@ -365,8 +365,6 @@ SYNC_ONLY = {
           "use qgm or --comm.mode sync",
     "ed": "ed's correction keeps sum_i (x_i - psi_i) = 0 only if every node combines the same round's phi_j; "
           "use qgm or --comm.mode sync",
-    "diloco": "diloco's outer step one round late diverged (gossip) or stalled (all) on the digits CNN "
-              "(docs/algorithms.md); use --comm.mode sync",
 }
 
 # Rules refused with --sim.drop_prob > 0, and why (docs/heterogeneity.md, "A missing message"). The others
@@ -455,6 +453,13 @@ def validate(cfg: Config) -> None:
         (cfg.comm.max_staleness >= 1, "--comm.max_staleness must be >= 1 (rounds)"),
         (cfg.comm.mode == "sync" or a.name not in SYNC_ONLY,
          f"--comm.mode {cfg.comm.mode} does not fit --algorithm.name {a.name}: {SYNC_ONLY.get(a.name)}"),
+        (cfg.comm.mode != "async" or a.name != "diloco",
+         "--comm.mode async does not fit --algorithm.name diloco: its outer step needs every message of one round "
+         "at once; use --comm.mode overlap (one round late) or sync"),
+        (cfg.comm.mode != "overlap" or a.name != "diloco" or a.outer_average == "all",
+         "--comm.mode overlap fits diloco with --algorithm.outer_average all only: a gossip average one round late "
+         "delays the anchors' consensus under the outer momentum and diverged (docs/algorithms.md, \"diloco\"); "
+         "use --comm.mode sync for gossip"),
         (0 < cfg.comm.timeout_s < math.inf, "--comm.timeout_s must be > 0 and finite"),
         (cfg.topology.n >= 0, "--topology.n must be >= 0 (0 = the world size)"),
         (cfg.sim.nodes >= 0, "--sim.nodes must be >= 0 (0 = no simulation: one process per node)"),

@@ -137,6 +137,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.cfg, self.flat, self.net = acfg, flat, net
         self._grads = [p.grad for p in flat.params]  # the views into flat.g that autograd accumulates into
         self.rule = build_algorithm(flat, acfg, net.topology, net.rank, optimizer=inner)
+        self.rule.late = 0 if mode == "sync" else 1
         slots, self.slots_line = edge_slots(acfg, mode, net.topology, self.rule)
         self.transport = net.transport(mode, max_staleness, acfg.interval, slots)
         if inner is not None:  # torch's wrapping convention (PostLocalSGDOptimizer): the inner groups are ours

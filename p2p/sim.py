@@ -24,6 +24,7 @@ import itertools
 import logging
 import resource
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -248,7 +249,9 @@ class Simulation:
                     out = self._forward(p, x)
                     return self.loss(out, y), (out.argmax(-1) == y).sum()
 
-                losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
+                with warnings.catch_warnings():  # vmap loops over nodes for CPU attention; it said so per run
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
+                    losses, correct = vmap(loss_of, randomness="different")(params, X, Y)
                 sizes = torch.full((self.n,), Y[0].numel(), device=self.device)
             else:  # batches of different sizes: one call per node, one backward
                 outs = [self._forward({name: v[k] for name, v in params.items()}, x) for k, x in enumerate(X)]

@@ -51,8 +51,8 @@ def test_state_round_trip_is_exact(name, optimizer):
     duals += list(getattr(algorithm, "x_hat", {}).values())  # choco's public copies x̂_j
     if name == "gt":  # the tracker, which exchanges mix
         duals.append(algorithm.y)
-    if name == "diloco":  # the anchor θ_i and the outer momentum b_i
-        duals += [algorithm.theta, algorithm.b]
+    if name == "diloco":  # the anchor θ_i, the outer momentum b_i, where the round's local steps started
+        duals += [algorithm.theta, algorithm.b, algorithm.start]
     for t in duals:
         t.normal_(generator=gen)
     if hasattr(algorithm, "rounds"):  # gossip, dsgd, primal-dual, choco, gt, ed, qgm: the exchange count r

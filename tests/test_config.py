@@ -148,7 +148,9 @@ def test_malformed_command_lines_and_files(tmp_path):
     (["--algorithm.outer_lr", "0"], "--algorithm.outer_lr must be > 0 and finite"),
     (["--algorithm.outer_momentum", "1"], "--algorithm.outer_momentum must be in [0, 1)"),
     (["--algorithm.outer_average", "al"], "--algorithm.outer_average: unknown value 'al' (did you mean 'all'?)"),
-    (["--algorithm.name", "diloco", "--comm.mode", "overlap"], "does not fit --algorithm.name diloco"),
+    (["--algorithm.name", "diloco", "--comm.mode", "overlap"], "fits diloco with --algorithm.outer_average all only"),
+    (["--algorithm.name", "diloco", "--comm.mode", "async", "--algorithm.outer_average", "all"],
+     "--comm.mode async does not fit --algorithm.name diloco"),
 ])
 def test_validate_names_the_flag(argv, expected):
     assert expected in error(argv)

@@ -30,12 +30,16 @@ CASES = {  # label: (topology, AlgorithmConfig fields besides interval K)
     "dsgd": ("ring", dict(name="dsgd", **ADAMW)),
     "plain_all": ("ring", dict(name="diloco", outer_average="all", outer_lr=1.0, outer_momentum=0.0, **ADAMW)),
     "dsgd_complete": ("complete", dict(name="dsgd", **ADAMW)),
+    # overlap (`all` only): round r's average applied at the end of round r + 1
+    "all_overlap": ("ring", dict(name="diloco", outer_average="all", **SGD)),
 }
+MODE = {"all_overlap": "overlap"}
 
 
-def _run(comm, topology: Topology, fields: dict, x, y) -> dict:
+def _run(comm, label: str, topology: Topology, fields: dict, x, y) -> dict:
     model, flat = _model()
-    opt = optimizer(flat, AlgorithmConfig(interval=K, l2_lambda=L2, **fields), topology, comm)
+    opt = optimizer(flat, AlgorithmConfig(interval=K, l2_lambda=L2, **fields), topology, comm,
+                    mode=MODE.get(label, "sync"))
     bytes_before, w = comm.bytes_sent, [flat.w.clone()]
     for _ in range(STEPS):
         _gradient(model, flat, x, y)
@@ -62,7 +66,7 @@ def _wrapped(comm, x, y) -> torch.Tensor:
 
 def _all(comm) -> dict:
     x, y = _shard(comm.rank)
-    out = {label: _run(comm, TOPOLOGIES[topo], fields, x, y) for label, (topo, fields) in CASES.items()}
+    out = {label: _run(comm, label, TOPOLOGIES[topo], fields, x, y) for label, (topo, fields) in CASES.items()}
     out["wrapped"] = _wrapped(comm, x, y)
     return out
 
@@ -72,14 +76,15 @@ def runs() -> list[dict]:
     return run_ranks(_all, N, timeout=110)
 
 
-def _replay(topology: Topology, fields: dict) -> torch.Tensor:
-    """(STEPS + 1, n, P) from ALGORITHMS.md's diloco, with torch SGD's Nesterov momentum as the local step."""
+def _replay(topology: Topology, fields: dict, late: int = 0) -> torch.Tensor:
+    """(STEPS + 1, n, P) from the equations in diloco's docstring, with torch SGD's Nesterov momentum as the local
+    step; `late` rounds between sending and applying (0: sync, ALGORITHMS.md's diloco; 1: overlap)."""
     cfg = AlgorithmConfig(interval=K, **fields)
     n, lr, beta = topology.n, cfg.lr, cfg.momentum
     nodes = [(*_model(), *_shard(i)) for i in range(n)]
     W = torch.stack([flat.w.clone() for _, flat, _, _ in nodes])  # (n, P)
     theta, b, m = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
-    out = [W.clone()]
+    start, sent, out = W.clone(), [], [W.clone()]  # sent: (δ(r), m(r), W of round r) not yet applied
     for t in range(STEPS):
         g = torch.stack([_gradient_at(node, W[i]) for i, node in enumerate(nodes)])
         m = g.clone() if t == 0 else beta * m + g
@@ -87,30 +92,36 @@ def _replay(topology: Topology, fields: dict) -> torch.Tensor:
         if (t + 1) % K == 0:
             mix = (torch.full((n, n), 1 / n, dtype=W.dtype) if cfg.outer_average == "all" else
                    torch.from_numpy(topology.mixing_matrix("metropolis", topology.active((t + 1) // K - 1))))
-            delta = theta - mix @ W  # Δ_i = θ_i − w̄_i
-            b = cfg.outer_momentum * b + delta
-            theta = theta - cfg.outer_lr * (delta + cfg.outer_momentum * b)
-            W = theta.clone()
+            sent.append((W - start, theta + W - start, mix))  # δ_i(r), m_i(r) = θ_i + δ_i(r)
+            if len(sent) > late:
+                d_q, m_q, mix_q = sent.pop(0)
+                delta = m_q - d_q - mix_q @ m_q  # Δ_i = m_i − δ_i − m̄_i (sync: θ_i − w̄_i)
+                b = cfg.outer_momentum * b + delta
+                theta = theta - cfg.outer_lr * (delta + cfg.outer_momentum * b)
+                W = theta + sum(d for d, _, _ in sent)  # plus the rounds still travelling
+            start = W.clone()
         out.append(W.clone())
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("label", ["gossip", "gossip_scheduled", "all"])
+@pytest.mark.parametrize("label", ["gossip", "gossip_scheduled", "all", "all_overlap"])
 def test_first_rounds_follow_the_equations(runs, label):
     got = torch.stack([node[label]["w"] for node in runs], dim=1)  # (STEPS + 1, n, P)
     topo, fields = CASES[label]
-    want = _replay(TOPOLOGIES[topo], fields)
-    assert (got[K] - got[K - 1]).abs().max().item() > 1e-3  # the outer step moves the weights
+    want = _replay(TOPOLOGIES[topo], fields, late=int(MODE.get(label) == "overlap"))
+    first = K * (1 + int(MODE.get(label) == "overlap"))  # the first round's end that applies an average
+    assert (got[first] - got[first - 1]).abs().max().item() > 1e-3  # the outer step moves the weights
     err = (got - want).abs().amax(dim=(1, 2))
     assert err.max().item() < 1e-12, (label, err.tolist())
 
 
-@pytest.mark.parametrize("label", ["all", "all_adamw"])
+@pytest.mark.parametrize("label", ["all", "all_adamw", "all_overlap"])
 def test_with_the_average_of_all_nodes_the_anchors_stay_identical(runs, label):
     theta = torch.stack([node[label]["theta"] for node in runs])
     assert (theta - theta[0]).abs().max().item() < 1e-12
-    w = torch.stack([node[label]["w"][K::K] for node in runs])  # w_i ← θ_i at every round's end
-    assert (w - w[0]).abs().max().item() < 1e-12
+    if label != "all_overlap":  # there w_i keeps its own last round on top of θ_i
+        w = torch.stack([node[label]["w"][K::K] for node in runs])  # w_i ← θ_i at every round's end
+        assert (w - w[0]).abs().max().item() < 1e-12
     assert (theta - runs[0][label]["w"][0]).abs().max().item() > 1e-3  # and they moved
 
 

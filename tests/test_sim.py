@@ -34,7 +34,8 @@ CASES = [(a, "sync", m, 32, "ring") for a in ALGORITHMS for m in ("logistic", "m
         [("dsgd", "sync", "mlp", 0, "ring"), ("pdmm", "sync", "logistic", 0, "ring")] + \
         [("dsgd", "overlap", "mlp", 32, "one_peer_hypercube"), ("admm", "sync", "mlp", 32, "one_peer_hypercube")] + \
         [("gt", "sync", "mlp", 32, "one_peer_hypercube"), ("ed", "sync", "mlp", 32, "one_peer_hypercube")] + \
-        [("dsgd_adam", "sync", "mlp", 32, "ring"), ("diloco_all_adamw", "sync", "mlp", 32, "ring")]
+        [("dsgd_adam", "sync", "mlp", 32, "ring"), ("diloco_all_adamw", "sync", "mlp", 32, "ring"),
+         ("diloco_all_adamw", "overlap", "mlp", 32, "ring")]
 
 
 def _config(name: str, mode: str, model: str, batch: int, topology: str, out: str) -> Config:
@@ -125,8 +126,10 @@ def test_torchrun_job_and_simulation_write_the_same_run(tmp_path):
 
 @pytest.mark.parametrize("setting", [["--algorithm.name", "admm", "--comm.mode", "overlap"],
                                      ["--comm.mode", "async", "--train.step_delay", "0.02"],
-                                     ["--algorithm.name", "diloco", "--algorithm.interval", "7"]],
-                         ids=["admm-overlap", "async", "diloco"])
+                                     ["--algorithm.name", "diloco", "--algorithm.interval", "7"],
+                                     ["--algorithm.name", "diloco", "--algorithm.interval", "7",
+                                      "--algorithm.outer_average", "all", "--comm.mode", "overlap"]],
+                         ids=["admm-overlap", "async", "diloco", "diloco-overlap"])
 def test_simulated_run_resumes_exactly(setting, tmp_path):
     """admm in overlap (duals, momentum, a message waiting in every checkpoint), dsgd in async with random delays
     (virtual clocks), diloco (anchor, outer momentum; K = 7 ends epochs mid-round): 3 epochs straight, or 2 and

@@ -86,6 +86,9 @@ class Algorithm:
     per_edge = True
     # g_i ← (1/n) Σ_j g_j before every update (allreduce): the optimizer asks its transport for it
     averages_gradients = False
+    # rounds between messages() and receive() of the replies to them: 0 in sync, 1 in overlap (set by
+    # DecentralizedOptimizer from the mode; a rule that keeps what it sent, diloco, needs to know which round)
+    late = 0
 
     def __init__(self, flat: FlatParams, cfg: AlgorithmConfig, topology: Topology, rank: int):
         self.flat, self.cfg, self.topology, self.rank = flat, cfg, topology, rank
