@@ -27,7 +27,8 @@ _spec.loader.exec_module(train)
 pytestmark = pytest.mark.timeout(240)
 TINY = ["--config", str(ROOT / "configs/charlm.toml"), "--model.layers", "1", "--model.heads", "2", "--model.embed",
         "32", "--data.seq_len", "32", "--data.batch_size", "8", "--data.samples_per_epoch", "64",
-        "--algorithm.lr", "0.01", "--train.eval_every", "1", "--log.progress", "false", "--log.plots", "false", "--log.tensorboard", "false"]
+        "--algorithm.lr", "0.01", "--algorithm.beta2", "0.999", "--train.eval_every", "1", "--log.progress", "false",
+        "--log.plots", "false", "--log.tensorboard", "false"]
 
 
 def test_text_blocks_windows_and_partitions():
