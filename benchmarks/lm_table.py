@@ -1,12 +1,12 @@
 """The language-model table (issue 22): the rules people compare for decentralized LLM training, on a character
 transformer, 8 simulated nodes on a ring, equal tokens per node, the corpus dealt iid and by document.
 
-    python benchmarks/lm_table.py                                  # every row (~35 min on 2 idle cores)
+    python benchmarks/lm_table.py                                  # every row (~35 min: 2 at a time, 1 core each)
     python benchmarks/lm_table.py --rows dsgd_adamw diloco_all_k10 --partitions iid
     python benchmarks/lm_table.py --torchrun                       # adds dsgd under torchrun (8 processes)
 
-The model is charlm's transformer cut to fit this table on 2 CPU cores (2 layers, 128 wide, 0.42 M parameters;
-windows of 64 characters, batch 16): every node takes the same 8 epochs of its shard, 408 steps and 418 k
+The model is charlm's transformer cut to fit this table on 2 CPU cores (2 layers, 64 wide, 0.11 M parameters;
+windows of 64 characters, batch 16): every node takes the same 6 epochs of its shard, 306 steps and 313 k
 tokens. Adam(W) rules use charlm's AdamW (lr 0.002, β2 0.95); qgm and pdmm, whose update is not a torch
 optimizer, SGD with momentum 0.9 at lr 0.05 (a 400-step probe of one model: lr 0.03 and 0.1 within 0.05 bits
 of each other, 0.3 stalls, 1.0 diverges). Each run is `train.py --sim.nodes 8 ...` called in this process,
@@ -21,6 +21,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -60,39 +61,39 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "dsgd_adamw_wire_bf16": (["--algorithm.name", "dsgd", *ADAMW, "--comm.wire_dtype", "bf16"], IID),
 }
 NODES = 8
-COMMON = ["--config", "configs/charlm.toml", "--topology.path", "topologies/ring8.json", "--model.layers", "2",
-          "--data.seq_len", "64", "--data.batch_size", "16", "--train.epochs", "8", "--train.eval_every", "8",
+COMMON = ["--config", "configs/charlm.toml", "--topology.path", "topologies/ring8.json", "--model.layers", "2", "--model.embed", "64",
+          "--data.seq_len", "64", "--data.batch_size", "16", "--train.epochs", "6", "--train.eval_every", "6",
           "--train.checkpoint_every", "0", "--log.progress", "false", "--log.plots", "false",
           "--log.tensorboard", "false", "--log.level", "warning"]
-FIELDS = ["row", "partition", "launcher", "avg_bpc", "avg_token_acc", "node_val_bpc", "mb_sent", "run_s"]
+FIELDS = ["row", "partition", "launcher", "seed", "avg_bpc", "avg_token_acc", "node_val_bpc", "mb_sent", "run_s"]
 
 
-def flags(row: str, partition: str, out: Path) -> list[str]:
-    return [*COMMON, *ROWS[row][0], "--data.partition", partition, "--run.dir", str(out)]
+def flags(row: str, partition: str, seed: int, out: Path) -> list[str]:
+    return [*COMMON, *ROWS[row][0], "--data.partition", partition, "--run.seed", str(seed), "--run.dir", str(out)]
 
 
-def summary(row: str, partition: str, launcher: str, out: Path, seconds: float) -> dict:
+def summary(row: str, partition: str, launcher: str, seed: int, out: Path, seconds: float) -> dict:
     last = final_rows(out)
-    return {"row": row, "partition": partition, "launcher": launcher,
+    return {"row": row, "partition": partition, "launcher": launcher, "seed": seed,
             "avg_bpc": float(last[0]["avg_test_bpc"]), "avg_token_acc": float(last[0]["avg_test_token_acc"]),
             "node_val_bpc": sum(float(r["val_bpc"]) for r in last) / len(last),
             "mb_sent": sum(float(r["bytes_sent"]) for r in last) / len(last) / 1e6, "run_s": round(seconds, 1)}
 
 
-def run_sim(row: str, partition: str, out: Path) -> dict:
+def run_sim(row: str, partition: str, seed: int, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    sim.run(load_config([*flags(row, partition, out), "--sim.nodes", str(NODES)]))
-    return summary(row, partition, "sim", out, time.perf_counter() - start)
+    sim.run(load_config([*flags(row, partition, seed, out), "--sim.nodes", str(NODES)]))
+    return summary(row, partition, "sim", seed, out, time.perf_counter() - start)
 
 
-def run_torchrun(row: str, partition: str, out: Path) -> dict:
+def run_torchrun(row: str, partition: str, seed: int, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NODES),
-                    "train.py", *flags(row, partition, out)], cwd=ROOT, check=True,
+                    "train.py", *flags(row, partition, seed, out)], cwd=ROOT, check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return summary(row, partition, "torchrun", out, time.perf_counter() - start)
+    return summary(row, partition, "torchrun", seed, out, time.perf_counter() - start)
 
 
 def read(path: Path) -> list[dict]:
@@ -105,8 +106,14 @@ def read(path: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """Per row: the averaged model's held-out bits per character (iid, by document), MB sent, wall time."""
     def cell(row: str, partition: str, launcher: str, key: str, fmt: str) -> str:
-        hit = [r for r in rows if (r["row"], r["partition"], r["launcher"]) == (row, partition, launcher)]
-        return format(float(hit[-1][key]), fmt) if hit else "–"
+        """The mean over seeds, and each seed's value after it when there are several."""
+        hit = [float(r[key]) for r in rows if (r["row"], r["partition"], r["launcher"]) == (row, partition, launcher)]
+        if not hit:
+            return "–"
+        mean = format(statistics.mean(hit), fmt)
+        if len(hit) == 1 or key in ("mb_sent", "run_s"):
+            return mean
+        return f"{mean} ({', '.join(format(v, fmt) for v in hit)})"
 
     head = ["rule", "launcher", "avg-model bpc, iid", "token acc, iid", "avg-model bpc, by document",
             "node val bpc, iid", "MB sent / node", "wall s (iid)"]
@@ -129,23 +136,26 @@ def main() -> None:
     parser.add_argument("--partitions", nargs="+", default=list(BOTH), choices=list(BOTH))
     parser.add_argument("--torchrun", action="store_true", help="also dsgd_adamw iid under torchrun")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lm_table")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--share", default="1/1", help="k/m: run every m-th row from the k-th (parallel halves)")
     args = parser.parse_args()
     results = args.out / "results.csv"
     args.out.mkdir(parents=True, exist_ok=True)
-    done = {(r["row"], r["partition"], r["launcher"]) for r in read(results)}
-    todo = [(row, p, "sim") for p in args.partitions for row in args.rows if p in ROWS[row][1]]
-    todo += [("dsgd_adamw", "iid", "torchrun")] if args.torchrun else []
-    for row, partition, launcher in todo:
-        if (row, partition, launcher) in done:
+    done = {(r["row"], r["partition"], r["launcher"], r.get("seed") or "0") for r in read(results)}
+    todo = [(row, p, "sim", s) for s in args.seeds for p in args.partitions for row in args.rows if p in ROWS[row][1]]
+    todo += [("dsgd_adamw", "iid", "torchrun", 0)] if args.torchrun else []
+    k, m = map(int, args.share.split("/"))
+    for row, partition, launcher, seed in todo[k - 1::m]:
+        if (row, partition, launcher, str(seed)) in done:
             continue
-        out = args.out / f"{row}_{partition}_{launcher}"
-        result = (run_sim if launcher == "sim" else run_torchrun)(row, partition, out)
+        out = args.out / f"{row}_{partition}_{launcher}_s{seed}"
+        result = (run_sim if launcher == "sim" else run_torchrun)(row, partition, seed, out)
         with results.open("a", newline="") as f:
             writer = csv.DictWriter(f, FIELDS)
             if f.tell() == 0:
                 writer.writeheader()
             writer.writerow(result)
-        print(f"{row} {partition} {launcher}: avg-model {result['avg_bpc']:.3f} bpc, "
+        print(f"{row} {partition} {launcher} seed {seed}: avg-model {result['avg_bpc']:.3f} bpc, "
               f"{result['mb_sent']:.1f} MB, {result['run_s']} s", flush=True)
     md = table(read(results))
     (args.out / "table.md").write_text(md + "\n")
