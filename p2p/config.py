@@ -139,6 +139,7 @@ class CommConfig:
     timeout_s: float = 300.0  # every collective and exchange fails after this many seconds
     mode: str = "sync"  # sync | overlap | async: when exchanges travel and apply (docs/exchange-modes.md)
     max_staleness: int = 2  # async: a node waits when an edge's completed exchanges lag more rounds than this
+    wire_dtype: str = "fp32"  # fp32 | bf16: the dtype float messages travel in (bf16 halves the bytes; rules stay fp32)
 
 
 @dataclass
@@ -200,6 +201,7 @@ CHOICES: dict[str, tuple] = {
     "train.step_delay_dist": ("exponential", "constant"),
     "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
+    "comm.wire_dtype": ("fp32", "bf16"),
     "log.level": ("debug", "info", "warning"),
 }
 
