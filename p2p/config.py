@@ -120,7 +120,7 @@ class AlgorithmConfig:
 class TrainConfig:
     epochs: int = 10  # training epochs
     scheduler: str = "none"  # none | step (per-iteration StepLR)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss; weights, rule state and messages stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss; weights and rule state stay fp32)
     step_size: int = 1000  # step scheduler: iterations between decays
     gamma: float = 0.9  # step scheduler: decay factor
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
