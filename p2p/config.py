@@ -120,7 +120,7 @@ class AlgorithmConfig:
 class TrainConfig:
     epochs: int = 10  # training epochs
     scheduler: str = "none"  # none | step (per-iteration StepLR)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss; weights, rule state and messages stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss; weights and rule state stay fp32)
     step_size: int = 1000  # step scheduler: iterations between decays
     gamma: float = 0.9  # step scheduler: decay factor
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
@@ -139,6 +139,7 @@ class CommConfig:
     timeout_s: float = 300.0  # every collective and exchange fails after this many seconds
     mode: str = "sync"  # sync | overlap | async: when exchanges travel and apply (docs/exchange-modes.md)
     max_staleness: int = 2  # async: a node waits when an edge's completed exchanges lag more rounds than this
+    wire_dtype: str = "fp32"  # fp32 | bf16: the dtype float messages travel in (bf16 halves the bytes; rules stay fp32)
 
 
 @dataclass
@@ -200,6 +201,7 @@ CHOICES: dict[str, tuple] = {
     "train.step_delay_dist": ("exponential", "constant"),
     "comm.mode": ("sync", "overlap", "async"),
     "comm.backend": ("auto", "nccl", "gloo"),
+    "comm.wire_dtype": ("fp32", "bf16"),
     "log.level": ("debug", "info", "warning"),
 }
 

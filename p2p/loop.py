@@ -133,7 +133,8 @@ def network(cfg: Config, n: int) -> Topology:
 def optimizer_kwargs(cfg: Config) -> dict:
     """The config as DecentralizedOptimizer's keyword arguments: one vocabulary for the config and the library."""
     fields = dataclasses.asdict(cfg.algorithm)
-    return {"algorithm": fields.pop("name"), **fields, "mode": cfg.comm.mode, "max_staleness": cfg.comm.max_staleness}
+    return {"algorithm": fields.pop("name"), **fields, "mode": cfg.comm.mode, "max_staleness": cfg.comm.max_staleness,
+            "wire_dtype": cfg.comm.wire_dtype}
 
 
 def scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:

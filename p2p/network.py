@@ -47,9 +47,10 @@ class Network:
         """Where this node's model belongs: its own GPU (cuda:LOCAL_RANK) under NCCL, else the CPU."""
         return self.comm.device
 
-    def transport(self, mode: str, max_staleness: int, interval: int, slots: dict[int, int] | None) -> Transport:
-        """The exchanges of one optimizer, timed as `mode` says (p2p/transport.py)."""
-        return Transport(self.comm, mode, max_staleness, interval, slots)
+    def transport(self, mode: str, max_staleness: int, interval: int, slots: dict[int, int] | None,
+                  wire_dtype: str = "fp32") -> Transport:
+        """The exchanges of one optimizer, timed as `mode` says, in `wire_dtype` (p2p/transport.py)."""
+        return Transport(self.comm, mode, max_staleness, interval, slots, wire_dtype)
 
     def check_same(self, lines: list[str]) -> None:
         """One line on every rank unless all ranks hold the same `lines` ("key = value"); a collective."""

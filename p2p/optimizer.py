@@ -31,7 +31,8 @@ from p2p.topology import Topology
 log = logging.getLogger("p2p")
 ISVR_INTERVAL = 4  # K for pdmm_isvr/admm_isvr when neither the config nor the topology file sets one
 _ALGORITHM_FIELDS = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name", "optimizer"}
-_COMM_FIELDS = {"mode", "max_staleness"}  # the [comm] fields of one optimizer; backend and timeout_s are p2p.init's
+# the [comm] fields of one optimizer; backend and timeout_s are p2p.init's
+_COMM_FIELDS = {"mode", "max_staleness", "wire_dtype"}
 
 
 def resolve_interval(cfg: AlgorithmConfig, topology: Topology) -> str | None:
@@ -89,7 +90,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         optimizer: the local step of local, allreduce, dsgd, gossip, choco and diloco: "sgd" | "adam" | "adamw", or a
             torch optimizer the caller built over the same parameters (e.g. torch.optim.RAdam); its
             param_groups then become this optimizer's, learning rates included.
-        mode, max_staleness: the [comm] fields: sync | overlap | async, and async's bound in rounds.
+        mode, max_staleness, wire_dtype: the [comm] fields: sync | overlap | async, async's bound in rounds, and
+            fp32 | bf16, the dtype messages travel in (the rule's state stays in the parameters' dtype).
         **fields: the [algorithm] fields, with the names and defaults of docs/configuration.md (lr, momentum,
             weight_decay, interval, eta, mixing, ...).
 
@@ -101,7 +103,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict] | FlatParams, net,
                  algorithm: str = "dsgd", *, optimizer: str | torch.optim.Optimizer = "sgd", mode: str = "sync",
-                 max_staleness: int = 2, **fields):
+                 max_staleness: int = 2, wire_dtype: str = "fp32", **fields):
         for key in fields:
             if key not in _ALGORITHM_FIELDS:
                 where = "p2p.init's" if key in ("backend", "timeout_s") else "not a field of [algorithm] or [comm]"
@@ -109,7 +111,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                                   f"{_suggest(key, _ALGORITHM_FIELDS | _COMM_FIELDS)}")
         inner = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         acfg = AlgorithmConfig(name=algorithm, optimizer="sgd" if inner is not None else optimizer, **fields)
-        ccfg = CommConfig(mode=mode, max_staleness=max_staleness)
+        ccfg = CommConfig(mode=mode, max_staleness=max_staleness, wire_dtype=wire_dtype)
         try:
             validate(Config(algorithm=acfg, comm=ccfg))
         except ConfigError as e:
@@ -129,7 +131,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if net.started:  # the library's path: every rank checks now; the trainer compared its config already
             net.check_same([f"parameters = {[tuple(p.shape) for p in flat.params]} {flat.w.dtype}",
                             *(f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(acfg).items()),
-                            f"mode = {mode}", f"max_staleness = {max_staleness}"])
+                            f"mode = {mode}", f"max_staleness = {max_staleness}", f"wire_dtype = {wire_dtype}"])
         if warning := resolve_interval(acfg, net.topology):
             if net.rank == 0:
                 log.warning(warning)
@@ -139,7 +141,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self.rule = build_algorithm(flat, acfg, net.topology, net.rank, optimizer=inner)
         self.rule.late = 0 if mode == "sync" else 1
         slots, self.slots_line = edge_slots(acfg, mode, net.topology, self.rule)
-        self.transport = net.transport(mode, max_staleness, acfg.interval, slots)
+        self.transport = net.transport(mode, max_staleness, acfg.interval, slots, wire_dtype)
         if inner is not None:  # torch's wrapping convention (PostLocalSGDOptimizer): the inner groups are ours
             self.param_groups = inner.param_groups
         if hasattr(self.rule, "optimizer"):

@@ -62,11 +62,14 @@ class SimComm:
         self.bytes_sent = 0
         self.comm_s = 0.0  # this node's share of the time spent delivering messages
 
-    def all_reduce_mean_(self, t: torch.Tensor, training: bool = True) -> torch.Tensor:
-        """allreduce's gradient average (its one use of the network): the mean of the rows of G."""
+    def all_reduce_mean_(self, t: torch.Tensor, training: bool = True,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+        """allreduce's gradient average (its one use of the network): the mean of the rows of G, travelling in
+        `dtype` (None: t's; bf16: comm.wire_dtype)."""
         assert t.data_ptr() == self.sim.G[self.rank].data_ptr(), "only a node's gradient row is averaged"
-        t.copy_(self.sim.grad_mean())
-        self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
+        dtype = dtype or t.dtype
+        t.copy_(self.sim.grad_mean(dtype))
+        self.bytes_sent += 2 * (self.world_size - 1) * t.numel() * dtype.itemsize // self.world_size
         return t
 
 
@@ -79,7 +82,8 @@ class SimNetwork:
     def __init__(self, rank: int, sim: Simulation, topology: Topology):
         self.rank, self.world_size, self.device, self.topology, self.sim = rank, sim.n, sim.device, topology, sim
 
-    def transport(self, mode: str, max_staleness: int, interval: int, slots: dict[int, int] | None) -> Link:
+    def transport(self, mode: str, max_staleness: int, interval: int, slots: dict[int, int] | None,
+                  wire_dtype: str = "fp32") -> Link:
         return self.sim.transport.link(self.rank)
 
 
@@ -150,7 +154,7 @@ class Simulation:
         self._g_mean: torch.Tensor | None = None
         self.comms = [SimComm(k, self) for k in range(self.n)]
         self.transport = InMemory(self.comms, cfg.comm.mode, cfg.algorithm.interval, cfg.comm.max_staleness,
-                                  cfg.sim.latency_s, cfg.sim.drop_prob, cfg.run.seed)
+                                  cfg.sim.latency_s, cfg.sim.drop_prob, cfg.run.seed, cfg.comm.wire_dtype)
         # every node's own library optimizer over its rows of W and G. l2_lambda's term is added to all of G at
         # once in `gradients`, as a real node adds it before allreduce's mean (which reads every row)
         kwargs = {**optimizer_kwargs(cfg), "l2_lambda": 0.0}
@@ -183,10 +187,11 @@ class Simulation:
             offset += p.numel()
         return views
 
-    def grad_mean(self) -> torch.Tensor:
-        """(1/n) Σ_k g_k of the latest gradients, computed once per step (allreduce)."""
+    def grad_mean(self, dtype: torch.dtype) -> torch.Tensor:
+        """(1/n) Σ_k g_k of the latest gradients, computed once per step (allreduce), in `dtype` as an all-reduce in
+        it sums (bf16: each g_k, the sum and the mean rounded to bf16; a ring's partial sums are not)."""
         if self._g_mean is None:
-            self._g_mean = self.G.sum(0).div_(self.n)
+            self._g_mean = self.G.to(dtype).sum(0).div_(self.n)
         return self._g_mean
 
     def epoch_batches(self, skip: int = 0) -> Iterator[tuple]:

@@ -29,6 +29,12 @@ that step the same three moves happen for that edge alone: wait for its exchange
 (r = t div K), post its message built from the rule's state now, hand over its newest completed
 message. Staleness and draining work per edge as above.
 
+`wire_dtype` (comm.wire_dtype) says in which dtype floating-point messages travel: fp32, as the rules hold
+them, or bf16, half the bytes. Only the copy that travels is cast: the rules' state stays fp32 and each
+received message is cast back before the rule gets it; non-float messages (choco's packed bytes) travel as
+they are. allreduce's gradient all-reduce travels, and sums, in bf16 too. In async the stop flag stays an
+exact float32 (its 4 bytes as two bf16 elements), as propose_stop's step -(T + 1) must.
+
 This module only decides timing; `Comm` (the one torch.distributed user) moves the bytes.
 `InMemory` is the same timing for a whole simulated network in one process (p2p/sim.py), on virtual clocks.
 """
@@ -45,6 +51,18 @@ import torch
 from p2p.comm import Comm, Posted
 
 STALENESS = {"sync": 0, "overlap": 1}  # async: comm.max_staleness
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # comm.wire_dtype -> the dtype float messages travel in
+
+
+def on_wire(t: torch.Tensor, wire: torch.dtype | None) -> torch.dtype:
+    """The dtype `t` travels in: `wire` for a floating-point message (None: its own), else its own."""
+    return wire if wire is not None and t.is_floating_point() else t.dtype
+
+
+def flag_dtype(wire: torch.dtype) -> torch.dtype:
+    """The stop flag's dtype in a message of dtype `wire`: float32 (its bytes as two elements) for a 16-bit float,
+    whose 8-bit mantissa would round propose_stop's step -(T + 1) above 256."""
+    return wire if wire.itemsize >= 4 else torch.float32
 
 
 class NetworkStop(RuntimeError):
@@ -87,11 +105,14 @@ class Transport:
     Args:
         interval: K, the local steps per round (`after_step` ends a round every K-th step).
         slots: {peer: slot in 0..K-1}, the step of a round at which each edge exchanges; None: at the round's end.
+        wire_dtype: fp32 | bf16, the dtype float messages travel in (module docstring).
     """
 
     def __init__(self, comm: Comm, mode: str = "sync", max_staleness: int = 2, interval: int = 1,
-                 slots: dict[int, int] | None = None):
+                 slots: dict[int, int] | None = None, wire_dtype: str = "fp32"):
         self.comm, self.mode = comm, mode
+        self.wire = WIRE_DTYPES[wire_dtype]
+        self.dtype: torch.dtype | None = None  # of the rule's messages: what a received one is cast back to
         self.S = STALENESS.get(mode, max_staleness)
         self.K, self.slots = interval, slots
         if slots is not None and self.S == 0:
@@ -118,8 +139,12 @@ class Transport:
         return stats_columns(s)
 
     def average_gradient(self, g: torch.Tensor) -> None:
-        """g ← (1/n) Σ_j g_j over all nodes (allreduce's one use of the network), in place."""
-        self.comm.all_reduce_mean_(g)
+        """g ← (1/n) Σ_j g_j over all nodes (allreduce's one use of the network), in place; with a bf16 wire the
+        all-reduce sends, sums and divides in bf16."""
+        if on_wire(g, self.wire) == g.dtype:
+            self.comm.all_reduce_mean_(g)
+        else:
+            g.copy_(self.comm.all_reduce_mean_(g.to(self.wire)))
 
     def after_step(self, rule, step: int) -> None:
         """After local step `step` (0-based, counted over the run): the exchanges due now, if any."""
@@ -145,7 +170,7 @@ class Transport:
         start, r = time.perf_counter(), self.round
         if self.S == 0:
             self.ready.clear()  # superseded by this round's (left by a checkpoint of another mode)
-            send = rule.messages()
+            send = self._cast(rule.messages())
             recv = {j: self._sync_buffer(j, t) for j, t in send.items()}
             self.comm.exchange(send, recv)
             self._stats["wait_s"] += time.perf_counter() - start
@@ -186,7 +211,7 @@ class Transport:
         self.stop_flag = float(origin + 1)
         self._collect(until=-1)  # what has arrived already, without waiting
         peers = [j for j in self._template if j not in self.stopped_peers]
-        self._post({j: torch.zeros_like(self._template[j][:-1]) for j in peers}, self.round)
+        self._post({j: torch.zeros_like(self._payload(self._template[j])) for j in peers}, self.round)
         deadline = time.monotonic() + self.comm.timeout.total_seconds()
         while time.monotonic() < deadline:
             self._collect(until=-1)
@@ -222,19 +247,37 @@ class Transport:
             self.in_flight.setdefault(j, deque()).append(_InFlight(r, posted, copies[j], recv[j]))
             self._template[j] = recv[j]
 
+    def _cast(self, send: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Sync's messages in the wire dtype, one copy per distinct tensor (dsgd sends w_i to all)."""
+        copies: dict[int, torch.Tensor] = {}
+        for t in send.values():
+            self.dtype = t.dtype
+            if id(t) not in copies:
+                copies[id(t)] = t.to(on_wire(t, self.wire))
+        return {j: copies[id(t)] for j, t in send.items()}
+
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        """The private copy of a message that travels: async appends the stop flag."""
+        """The private copy of a message that travels, in the wire dtype: async appends the stop flag."""
+        self.dtype, dtype = t.dtype, on_wire(t, self.wire)
         if not self.flagged:
-            return self._buffer(t).copy_(t)
+            return self._buffer(t, dtype).copy_(t)
         flat = t.reshape(-1)
-        wire = self._buffer(flat.new_empty(flat.numel() + 1))
-        wire[:-1].copy_(flat)
-        wire[-1] = self.stop_flag
+        flag = torch.tensor([self.stop_flag], dtype=flag_dtype(dtype)).view(dtype)  # bf16: 2 elements, exact
+        wire = self._buffer(flat.new_empty(flat.numel() + flag.numel(), dtype=dtype))
+        wire[:flat.numel()].copy_(flat)
+        wire[flat.numel():].copy_(flag)
         return wire
 
+    def _flag(self, wire: torch.Tensor) -> float:
+        """Async's stop flag, the last element(s) of a received message (`_wire`)."""
+        dtype = flag_dtype(wire.dtype)
+        return wire[-(dtype.itemsize // wire.element_size()):].clone().view(dtype).item()
+
     def _payload(self, wire: torch.Tensor) -> torch.Tensor:
-        """What the rule gets of a received message: without async's stop flag."""
-        return wire[:-1] if self.flagged else wire
+        """What the rule gets of a received message: without async's stop flag, in the rule's dtype."""
+        if self.flagged:
+            wire = wire[:-(flag_dtype(wire.dtype).itemsize // wire.element_size())]
+        return wire if self.dtype is None or wire.dtype == self.dtype else wire.to(self.dtype)
 
     def _collect(self, until: int, peers: list[int] | None = None) -> None:
         """Move completed exchanges (with `peers` only) to `ready`; wait for those of rounds <= until.
@@ -252,7 +295,7 @@ class Transport:
                 self.completed[j] = self.completed.get(j, 0) + 1
                 self._stats["exchanges"] += 1
                 self._pool.append(one.sent)
-                flag = one.received[-1].item() if self.flagged else 0.0
+                flag = self._flag(one.received) if self.flagged else 0.0
                 if flag < 0:  # a graceful stop at global step -flag - 1 (propose_stop); the payload is real
                     self.stop_flag = flag if self.stop_flag == 0 else max(self.stop_flag, flag)  # the earliest step
                 elif flag:
@@ -274,11 +317,13 @@ class Transport:
                 self._pool.append(msg)
             del self.ready[j]
 
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A spare buffer shaped like `like`, of `dtype` (None: like's)."""
+        dtype = dtype or like.dtype
         for k, t in enumerate(self._pool):
-            if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
+            if t.shape == like.shape and t.dtype == dtype and t.device == like.device:
                 return self._pool.pop(k)
-        return torch.empty_like(like)
+        return torch.empty_like(like, dtype=dtype)
 
     def _sync_buffer(self, j: int, like: torch.Tensor) -> torch.Tensor:
         t = self._recv.get(j)
@@ -319,11 +364,15 @@ class InMemory:
     `drop_prob` (sim.drop_prob) loses each letter (per edge, direction and round) with that probability:
     it is never delivered, so the receiver's rule gets the other messages only. The draws of round r come
     from a generator seeded by (seed, r), so a run, and a resumed run, repeats them.
+
+    `wire_dtype` bf16 rounds every float message through bf16 as a Transport's cast does, so the rules get the
+    values a real node's rules get, and counts the bytes of the bf16 copy.
     """
 
     def __init__(self, comms: list, mode: str, interval: int, max_staleness: int = 2, latency_s: float = 0.0,
-                 drop_prob: float = 0.0, seed: int = 0):
+                 drop_prob: float = 0.0, seed: int = 0, wire_dtype: str = "fp32"):
         self.comms, self.S, self.K, self.latency = comms, STALENESS.get(mode, max_staleness), interval, latency_s
+        self.wire = WIRE_DTYPES[wire_dtype]
         self.drop_prob, self.seed = drop_prob, seed
         self.letters = {"sent": 0, "dropped": 0}  # over the whole run, for tests and benchmarks
         self.round = 0  # rounds ended so far
@@ -405,10 +454,11 @@ class InMemory:
             msgs = rule.messages()
             copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor (dsgd sends w_i to all)
             for t in msgs.values():
-                if id(t) not in copies:
-                    copies[id(t)] = t.clone()
+                if id(t) not in copies:  # rounded through the wire dtype: what a real receiver casts back
+                    dtype = on_wire(t, self.wire)
+                    copies[id(t)] = t.clone() if dtype == t.dtype else t.to(dtype).to(t.dtype)
             sent.append({j: copies[id(t)] for j, t in msgs.items()})
-            self.comms[k].bytes_sent += sum(t.numel() * t.element_size() for t in msgs.values())
+            self.comms[k].bytes_sent += sum(t.numel() * on_wire(t, self.wire).itemsize for t in msgs.values())
             if msgs:
                 self.posted[k][r] = self.now[k]
         rng = torch.Generator().manual_seed((self.seed << 32) + r) if self.drop_prob else None
@@ -477,7 +527,7 @@ class Link:
         self.net.stepped(self.k, rule, step)
 
     def average_gradient(self, g: torch.Tensor) -> None:
-        self.net.comms[self.k].all_reduce_mean_(g)
+        self.net.comms[self.k].all_reduce_mean_(g, dtype=on_wire(g, self.net.wire))
 
     def drain(self) -> None:
         self.net.drain(self.k)

@@ -246,6 +246,8 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
      r"^mode async does not fit algorithm allreduce"),
     (lambda m, net: p2p.DecentralizedOptimizer(m.parameters(), net, "pdmm", lrr=0.1), r"unknown keyword 'lrr'.*'lr'"),
     (lambda m, net: p2p.DecentralizedOptimizer(m.parameters(), net, "dsgd", lr=-1.0), r"^lr must be > 0"),
+    (lambda m, net: p2p.DecentralizedOptimizer(m.parameters(), net, "dsgd", wire_dtype="fp16"),
+     r"^wire_dtype: unknown value 'fp16'.*choose one of fp32, bf16"),
     (lambda m, net: p2p.DecentralizedOptimizer(m.parameters(), net, "pdmm", timeout_s=3), r"p2p.init's"),
     (lambda m, net: p2p.DecentralizedOptimizer(m.parameters(), net, "pdmm",
                                                optimizer=torch.optim.RAdam(m.parameters())), r"pdmm's local step"),
