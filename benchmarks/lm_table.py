@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_algorithms import final_rows  # noqa: E402
+from benchmarks.heterogeneity_table import read  # noqa: E402
 from p2p import sim  # noqa: E402
 from p2p.config import load_config  # noqa: E402
 
@@ -94,13 +95,6 @@ def run_torchrun(row: str, partition: str, seed: int, out: Path) -> dict:
                     "train.py", *flags(row, partition, seed, out)], cwd=ROOT, check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     return summary(row, partition, "torchrun", seed, out, time.perf_counter() - start)
-
-
-def read(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def table(rows: list[dict]) -> str:
