@@ -103,6 +103,16 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def append(path: Path, fields: list[str], row: dict) -> None:
+    """One finished run's row at the end of a results CSV (its header first in a new file): nothing is lost if
+    a later run fails, and a rerun skips what is there."""
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def pm(values: list[float]) -> str:
     if not values:
         return "–"
@@ -187,11 +197,7 @@ def main() -> None:
             print(f"deadline {args.deadline}: stopping", flush=True)
             break
         row = run_one(d, rule, a, p, s, args.out / f"{d}_{rule}_a{a}_p{p}_s{s}")
-        with results.open("a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
+        append(results, FIELDS, row)
         print(f"{d} {rule} alpha={a} drop={p} seed={s}: node {row['node_acc']:.3f} avg {row['avg_acc']:.3f} "
               f"{row['mb_sent']:.1f} MB {row['run_s']}s", flush=True)
     rows = read(results)

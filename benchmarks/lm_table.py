@@ -18,7 +18,6 @@ real gloo processes: its numbers should equal the simulator's.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_algorithms import final_rows  # noqa: E402
-from benchmarks.heterogeneity_table import read  # noqa: E402
+from benchmarks.heterogeneity_table import append, read  # noqa: E402
 from p2p import sim  # noqa: E402
 from p2p.config import load_config  # noqa: E402
 
@@ -144,11 +143,7 @@ def main() -> None:
             continue
         out = args.out / f"{row}_{partition}_{launcher}_s{seed}"
         result = (run_sim if launcher == "sim" else run_torchrun)(row, partition, seed, out)
-        with results.open("a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(result)
+        append(results, FIELDS, result)
         print(f"{row} {partition} {launcher} seed {seed}: avg-model {result['avg_bpc']:.3f} bpc, "
               f"{result['mb_sent']:.1f} MB, {result['run_s']} s", flush=True)
     md = table(read(results))
